@@ -1,0 +1,43 @@
+"""`python -m resnet_repro [group=option ...] [key=value ...]`: compose, check, train one row.
+
+The command line is checked before Hydra starts (one-line errors, every job of a sweep included);
+Hydra then composes conf/ and calls `train.run_job` once per job. Under torchrun every rank runs
+this same entry, and all ranks share rank 0's output directory.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from resnet_repro.config import CONF_DIR, register_resolvers
+from resnet_repro.errors import UserError, exit_with
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    from resnet_repro.train import run_job
+
+    try:
+        return run_job(cfg)
+    except UserError as err:
+        exit_with(err)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from resnet_repro.cli import prepare_argv
+
+    register_resolvers()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        argv = prepare_argv(argv)
+    except UserError as err:
+        exit_with(err)
+    sys.argv = [sys.argv[0], *argv]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The command line before Hydra sees it: check every job it would launch, and share one output
+directory between the ranks of a torchrun launch."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+
+from resnet_repro import distributed
+from resnet_repro.config import ConfigError, compose, expand_sweep, user_overrides, validate
+
+MAX_CHECKED_JOBS = 256
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+    """Raise ConfigError for any job that would fail to compose; return argv, adjusted for torchrun ranks."""
+    # Hydra's own parser (a private module, stable since 1.1) so flags are read exactly as Hydra reads them
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:  # a malformed command line: let Hydra print its usage
+        return argv
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_name or args.config_path:
+        return argv
+    overrides = user_overrides(args.overrides)
+    jobs = expand_sweep(overrides) if args.multirun else [overrides]
+    world = distributed.env_world_size() if distributed.under_torchrun() else None
+    for job in jobs[:MAX_CHECKED_JOBS]:
+        validate(compose(job), world_size=world)
+    if distributed.under_torchrun() and not args.cfg:
+        if args.multirun:
+            raise ConfigError("--multirun cannot run under torchrun; sweep with trainer.nproc_per_node=N instead")
+        return argv + _torchrun_overrides(args.overrides)
+    return argv
+
+
+def _torchrun_overrides(overrides: list[str]) -> list[str]:
+    """All ranks write into rank 0's run directory; only rank 0 writes Hydra's files and log."""
+    distributed.init_from_env()
+    extra = []
+    if not any(o.startswith("hydra.run.dir=") for o in overrides):
+        stamp = distributed.broadcast_object(datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+        extra.append(f"hydra.run.dir={os.path.join('outputs', stamp)}")
+    if distributed.rank() != 0:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return extra

@@ -1,0 +1,113 @@
+"""Params and FLOPs of every table row, counted the way the table counted them.
+
+Convention (shared/spec/complexity.md): "Flops" are multiply-accumulates as mmcv 1.x's hook counter
+saw them — conv/linear MACs, BN 2 per element, every ReLU call 1 per element, pooling 1 per input
+element, additions free — over the backbone and pooling only (classifier removed), on a 1x3xHxW input
+(224 ImageNet, 32 CIFAR, 448 CUB). ptflops 0.7.5's pytorch backend with functional counting off
+reproduces it. "Params" count the whole classifier, head included.
+
+    python -m resnet_repro.complexity      # prints the 22 rows, writes results/complexity.{md,csv}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import pandas as pd
+from ptflops import get_model_complexity_info
+from torch import nn
+
+from resnet_repro.config import compose_row
+from resnet_repro.models import ResNet, build_model_from_cfg, count_params
+from resnet_repro.rows import Row, all_rows
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
+
+
+def count_flops(model: ResNet, input_px: int) -> int:
+    """MACs of backbone + global pooling at 1x3xPxP, with the table's counting rules."""
+    features = copy.deepcopy(model).eval()
+    features.reset_classifier(0)  # fc -> Identity: the table leaves the classifier out
+    macs, _ = get_model_complexity_info(
+        features,
+        (3, input_px, input_px),
+        as_strings=False,
+        print_per_layer_stat=False,
+        verbose=False,
+        backend="pytorch",  # the library's documented default backend differs from its code: be explicit
+        backend_specific_config={"count_functional": False},
+    )
+    return int(macs)
+
+
+def row_model(row: Row) -> nn.Module:
+    return build_model_from_cfg(compose_row(row.name))
+
+
+def _status(row: Row, params: int, flops_g: float) -> str:
+    if params != row.params_exact:
+        return f"MISMATCH: params {params:,} != exact {row.params_exact:,}"
+    if round(flops_g, 2) != row.flops_g_table:
+        return f"MISMATCH: flops {flops_g:.4f} G vs table {row.flops_g_table}"
+    if round(params / 1e6, 2) != row.params_m_table:
+        return f"table error: lists {row.params_m_table} M, the model has {params:,} ({params / 1e6:.2f} M)"
+    return "ok"
+
+
+def complexity_table(rows: tuple[Row, ...] | None = None) -> pd.DataFrame:
+    records = []
+    for row in rows or all_rows():
+        model = row_model(row)
+        params = count_params(model)
+        flops_g = count_flops(model, row.flops_input_px) / 1e9
+        records.append(
+            {
+                "row": row.name,
+                "section": row.section,
+                "input_px": row.flops_input_px,
+                "params": params,
+                "params_m": round(params / 1e6, 2),
+                "params_m_table": row.params_m_table,
+                "flops_g": round(flops_g, 4),
+                "flops_g_table": row.flops_g_table,
+                "status": _status(row, params, flops_g),
+            }
+        )
+    return pd.DataFrame.from_records(records)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    lines = [
+        "| Row | Input | Params (M) | table | Flops (G) | table | Status |",
+        "| :-- | --: | --: | --: | --: | --: | :-- |",
+    ]
+    for r in df.itertuples():
+        lines.append(
+            f"| `{r.row}` | {r.input_px} | {r.params_m:.2f} | {r.params_m_table:.2f} | "
+            f"{r.flops_g:.4f} | {r.flops_g_table:.2f} | {r.status} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m resnet_repro.complexity", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for complexity.md / .csv")
+    args = parser.parse_args(argv)
+    df = complexity_table()
+    print(to_markdown(df), end="")
+    agree = int((df.status == "ok").sum())
+    table_errors = int(df.status.str.startswith("table error").sum())
+    mismatches = int(df.status.str.startswith("MISMATCH").sum())
+    print(f"\n{len(df)} rows: {agree} agree, {table_errors} error(s) of the table, {mismatches} mismatch(es)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = "# Params and FLOPs of every row (`python -m resnet_repro.complexity`)\n\n"
+    (args.out / "complexity.md").write_text(header + to_markdown(df))
+    df.to_csv(args.out / "complexity.csv", index=False, float_format="%.4f")
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
