@@ -10,7 +10,6 @@ recipe trained with), accumulating gradients in between.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import platform
@@ -284,6 +283,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Top-1/top-5 (percent) over the whole split: each sample counted once, summed over ranks."""
         model = self.model.eval()
+        if self.world > 1:  # evaluate what the checkpoint holds: rank 0's BatchNorm statistics
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         k_max = min(5, int(self.cfg["dataset"]["num_classes"]))
         metrics = {
             f"val_top{k}": MulticlassAccuracy(int(self.cfg["dataset"]["num_classes"]), top_k=k, average="micro").to(
@@ -460,12 +462,3 @@ class Trainer:
                 metrics["epoch_time_s"],
                 train["train_img_per_s"],
             )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def model_copy_cpu(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(unwrap(model)).cpu()

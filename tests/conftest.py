@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny datasets written in real formats, the CLI as a subprocess, MLflow readers."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_cifar10(root: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> Path:
+    """A tiny CIFAR-10 in the official python-pickle layout (cifar-10-batches-py/), class-dependent images."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def batch(n: int, name: str) -> dict:
+        labels = [i % 10 for i in range(n)]
+        base = np.array(labels, dtype=np.float32)[:, None] * 25.0  # brightness encodes the class
+        data = np.clip(base + rng.normal(0, 8, size=(n, 3072)), 0, 255).astype(np.uint8)
+        return {"batch_label": name, "labels": labels, "data": data, "filenames": [f"{i}.png" for i in range(n)]}
+
+    per = [n_train // 5 + (1 if i < n_train % 5 else 0) for i in range(5)]
+    for i, n in enumerate(per, start=1):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(n, f"training batch {i} of 5"), f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(batch(n_test, "testing batch 1 of 1"), f)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names, "num_cases_per_batch": 10000, "num_vis": 3072}, f)
+    return root
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path: Path) -> Path:
+    return write_cifar10(tmp_path / "cifar10")
+
+
+def run_cli(args: list[str], cwd: Path, module: str = "resnet_repro", timeout: float = 600,
+            launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` in `cwd`, output captured; the environment pins CPU threads."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "2"}
+    cmd = (launcher or [sys.executable, "-m", module]) + args
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_args(tmp: Path, data: Path | None = None) -> list[str]:
+    """Overrides that keep a CLI run inside `tmp` and on the CPU."""
+    args = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"trainer.checkpoint_root={tmp}/ckpt",
+            "trainer.device=cpu", "trainer.num_workers=0"]
+    if data is not None:
+        args += [f"dataset.root={data}", "dataset.download=false"]
+    return args
+
+
+def mlflow_runs(tmp: Path, experiment: str = "resnet_repro") -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else list(client.search_runs([exp.experiment_id]))
+
+
+def history(tmp: Path, run_id: str, key: str) -> list[float]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]

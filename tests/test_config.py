@@ -1,0 +1,205 @@
+"""Composition contract: row presets, the model/dataset route, recipes against the spec, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from resnet_repro.config import ConfigError, compose, compose_row, config_hash, deviations, validate
+from resnet_repro.rows import all_rows
+from tests.conftest import REPO, run_cli
+
+ROWS = [row.name for row in all_rows()]
+# what choosing a dataset picks (the issue's composition contract)
+DATASET_DEFAULTS = {
+    "cifar10": ("cifar", "cifar-200e"),
+    "cifar100": ("cifar", "cifar100-200e"),
+    "cub200": ("v1b", "cub-ft-100e"),
+    "imagenet1k": ("v1b", "imagenet-basic-100e"),
+}
+
+
+def choices(cfg) -> dict[str, str]:
+    return {"model": f"resnet{cfg.model.depth}", "stem": cfg.stem.name, "dataset": cfg.dataset.name,
+            "recipe": cfg.recipe.name, "precision": cfg.precision.name}
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_row_preset_composes_its_row(name: str) -> None:
+    row = next(r for r in all_rows() if r.name == name)
+    cfg = compose_row(name)
+    validate(cfg)
+    assert choices(cfg) == row.choices
+    assert cfg.row_name == name
+    assert cfg.dataset.num_classes == row.num_classes
+    assert cfg.dataset.input_size == row.flops_input_px
+
+
+def route(row) -> list[str]:
+    """The shortest `model=… dataset=…` command line for a row: only groups differing from the dataset's defaults."""
+    stem, recipe = DATASET_DEFAULTS[row.dataset]
+    args = [f"model=resnet{row.depth}", f"dataset={row.dataset}"]
+    args += [f"stem={row.stem}"] if row.stem != stem else []
+    args += [f"recipe={row.recipe}"] if row.recipe != recipe else []
+    args += [f"precision={row.precision}"] if row.precision != "fp32" else []
+    return args
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_model_dataset_route_equals_row_preset(name: str) -> None:
+    row = next(r for r in all_rows() if r.name == name)
+    via_route, via_row = compose(route(row)), compose_row(name)
+    assert OmegaConf.to_container(via_route, resolve=True) == OmegaConf.to_container(via_row, resolve=True)
+    assert config_hash(via_route) == config_hash(via_row)
+
+
+def test_issue_example_resnet101_cifar10() -> None:
+    cfg = compose(["model=resnet101", "dataset=cifar10"])
+    assert cfg.row_name == "resnet101_8xb16_cifar10"
+    assert (cfg.stem.name, cfg.recipe.name) == ("cifar", "cifar-200e")
+    assert deviations(cfg) == []
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASET_DEFAULTS))
+def test_dataset_picks_stem_and_recipe_and_they_stay_overridable(dataset: str) -> None:
+    cfg = compose([f"dataset={dataset}"])
+    assert (cfg.stem.name, cfg.recipe.name) == DATASET_DEFAULTS[dataset]
+    assert compose([f"dataset={dataset}", "stem=v1d"]).stem.name == "v1d"
+
+
+def test_off_table_composition_is_named_custom_and_says_how_it_deviates() -> None:
+    cfg = compose(["model=resnet50", "stem=v1d"])  # the v1d row uses the Pillow recipe
+    assert cfg.row_name == "custom:resnet50-v1d-imagenet1k-imagenet-basic-100e-fp32"
+    assert deviations(cfg) == ["custom composition custom:resnet50-v1d-imagenet1k-imagenet-basic-100e-fp32"]
+
+
+def test_value_overrides_keep_the_row_but_are_recorded() -> None:
+    cfg = compose(["row=resnet18_8xb16_cifar10", "recipe.epochs=1", "dataset.root=/elsewhere", "trainer.device=cpu"])
+    assert cfg.row_name == "resnet18_8xb16_cifar10"
+    assert deviations(cfg) == ["recipe.epochs=1"]  # where the data lies and how it runs are not deviations
+    assert config_hash(cfg) != config_hash(compose_row("resnet18_8xb16_cifar10"))
+    assert config_hash(compose(["row=resnet18_8xb16_cifar10", "dataset.root=/x"])) == config_hash(
+        compose_row("resnet18_8xb16_cifar10"))
+
+
+def test_release_recipes_still_name_their_row() -> None:
+    cfg = compose(["row=resnet50_8xb256-rsb-a3-100e_in1k", "recipe=rsb-a3-release"])
+    assert cfg.row_name == "resnet50_8xb256-rsb-a3-100e_in1k"
+    assert cfg.recipe.train_pipeline[0].size == 160  # A3 trained at 160 px at release
+
+
+# recipes.md, written out by hand: epochs, GPUs x batch, optimizer, schedule, loss, eval top-k
+SPEC = {
+    "imagenet-basic-100e": dict(epochs=100, gpus=8, batch=32, opt="sgd", lr=0.1, wd=1e-4, momentum=0.9,
+                                nesterov=False, decay_all=True, decay="step", milestones=[30, 60, 90], gamma=0.1,
+                                warmup=0, loss="softmax_ce", ls=0.0, topk=[1, 5], backend="cv2"),
+    "imagenet-basic-100e-pil": dict(epochs=100, gpus=8, batch=32, opt="sgd", lr=0.1, wd=1e-4, momentum=0.9,
+                                    nesterov=False, decay_all=True, decay="step", milestones=[30, 60, 90],
+                                    gamma=0.1, warmup=0, loss="softmax_ce", ls=0.0, topk=[1, 5], backend="pillow"),
+    "cifar-200e": dict(epochs=200, gpus=8, batch=16, opt="sgd", lr=0.1, wd=1e-4, momentum=0.9, nesterov=False,
+                       decay_all=True, decay="step", milestones=[100, 150], gamma=0.1, warmup=0, loss="softmax_ce",
+                       ls=0.0, topk=[1]),
+    "cifar100-200e": dict(epochs=200, gpus=8, batch=16, opt="sgd", lr=0.1, wd=5e-4, momentum=0.9, nesterov=False,
+                          decay_all=True, decay="step", milestones=[60, 120, 160], gamma=0.2, warmup=0,
+                          loss="softmax_ce", ls=0.0, topk=[1]),
+    "cub-ft-100e": dict(epochs=100, gpus=8, batch=8, opt="sgd", lr=0.01, wd=5e-4, momentum=0.9, nesterov=True,
+                        decay_all=True, decay="cosine", warmup=5, warmup_from=0.01, min_lr=0.0, loss="softmax_ce",
+                        ls=0.0, topk=[1]),
+    "rsb-a1": dict(epochs=600, gpus=8, batch=256, opt="lamb", lr=5e-3, wd=0.01, decay_all=False, decay="cosine",
+                   warmup=5, warmup_from=1e-4, min_lr=1e-6, loss="bce", ls=0.1, mixup=0.2, cutmix=1.0, magnitude=7,
+                   drop_path=0.05, repeats=3, topk=[1, 5]),
+    "rsb-a2": dict(epochs=300, gpus=8, batch=256, opt="lamb", lr=5e-3, wd=0.02, decay_all=False, decay="cosine",
+                   warmup=5, warmup_from=1e-4, min_lr=1e-6, loss="bce", ls=0.0, mixup=0.1, cutmix=1.0, magnitude=7,
+                   drop_path=0.05, repeats=3, topk=[1, 5]),
+    "rsb-a3": dict(epochs=100, gpus=8, batch=256, opt="lamb", lr=8e-3, wd=0.02, decay_all=False, decay="cosine",
+                   warmup=5, warmup_from=1e-4, min_lr=1e-6, loss="bce", ls=0.0, mixup=0.1, cutmix=1.0, magnitude=6,
+                   drop_path=0.0, repeats=1, topk=[1, 5]),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(SPEC))
+def test_recipe_numbers_match_the_spec(recipe: str) -> None:
+    spec, dataset = SPEC[recipe], ("imagenet1k" if recipe.startswith(("imagenet", "rsb")) else
+                                   "cub200" if recipe.startswith("cub") else "cifar100" if "100" in recipe else "cifar10")
+    r = compose([f"dataset={dataset}", f"recipe={recipe}"]).recipe
+    opt, sched = r.optimizer, r.schedule
+    assert (r.epochs, r.gpus, r.batch_per_gpu) == (spec["epochs"], spec["gpus"], spec["batch"])
+    assert (opt.name, opt.lr, opt.weight_decay, opt.decay_norm_and_bias) == (spec["opt"], spec["lr"], spec["wd"],
+                                                                          spec["decay_all"])
+    if spec["opt"] == "sgd":
+        assert (opt.momentum, opt.nesterov) == (spec["momentum"], spec["nesterov"])
+    else:
+        assert (list(opt.betas), opt.eps, opt.max_grad_norm) == ([0.9, 0.999], 1e-6, 1.0)
+    assert (sched.decay, sched.warmup_epochs) == (spec["decay"], spec["warmup"])
+    if spec["decay"] == "step":
+        assert (list(sched.milestones), sched.gamma) == (spec["milestones"], spec["gamma"])
+    else:
+        assert (sched.warmup_start_factor, sched.min_lr, sched.cosine_span) == (spec["warmup_from"], spec["min_lr"],
+                                                                               "after_warmup")
+    assert (r.loss.name, r.loss.label_smoothing, list(r.eval_topk)) == (spec["loss"], spec["ls"], spec["topk"])
+    if "backend" in spec:
+        assert {step.get("backend") for step in r.train_pipeline + r.test_pipeline} - {None} == {spec["backend"]}
+    if recipe.startswith("rsb"):
+        assert (r.mixing.mixup_alpha, r.mixing.cutmix_alpha) == (spec["mixup"], spec["cutmix"])
+        assert r.train_pipeline[2].magnitude == spec["magnitude"]
+        assert (r.model.drop_path_rate, r.sampler.repeats, r.model.sync_bn) == (spec["drop_path"], spec["repeats"],
+                                                                               True)
+        assert [s.size for s in r.test_pipeline] == [236, 224]
+
+
+def test_fp16_row_uses_a_static_loss_scale_of_512() -> None:
+    cfg = compose_row("resnet50_8xb32-fp16_in1k")
+    assert (cfg.precision.autocast_dtype, cfg.precision.loss_scale) == ("float16", 512)
+    assert cfg.recipe.name == "imagenet-basic-100e"
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    (["model=resnet99"], ["model=resnet99", "resnet18, resnet34, resnet50, resnet101, resnet152"]),
+    (["dataset=imagenet1k", "stem=cifar"], ["stem=cifar", "v1b, v1c, v1d"]),
+    (["dataset=imagenet1k", "recipe=cifar-200e"], ["recipe=cifar-200e", "imagenet-basic-100e"]),
+    (["recipe.epoch=3"], ["recipe.epoch", "epochs"]),
+    (["trainer.device=tpu"], ["trainer.device=tpu", "cpu"]),
+    (["precision=fp8"], ["precision=fp8", "amp-fp16-static512"]),
+])
+def test_bad_compositions_raise_a_config_error(overrides: list[str], words: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(compose(overrides))
+    message = str(err.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+@pytest.mark.parametrize("args", [
+    ["model=resnet99"],
+    ["dataset=imagenet1k", "stem=cifar"],
+    ["recipe.epoch=3"],
+    ["--multirun", "model=resnet18,resnet99"],
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args: list[str], tmp_path) -> None:
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("resnet_repro: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()  # stopped before any work
+
+
+def test_cli_prints_composed_config_and_help(tmp_path) -> None:
+    proc = run_cli(["model=resnet101", "dataset=cifar10", "--cfg", "job", "--resolve"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cfg = OmegaConf.create(proc.stdout)
+    assert cfg.row_name == "resnet101_8xb16_cifar10" and cfg.model.depth == 101
+    proc = run_cli(["row=resnetv1d50_8xb32_in1k", "--cfg", "job", "--resolve"], cwd=tmp_path)
+    assert OmegaConf.create(proc.stdout).recipe.name == "imagenet-basic-100e-pil"
+    proc = run_cli(["--help"], cwd=tmp_path)
+    assert proc.returncode == 0
+    for group in ("model", "stem", "dataset", "recipe", "precision"):
+        line = next(line for line in proc.stdout.splitlines() if line.startswith(f"{group}:"))
+        from resnet_repro.config import group_options
+
+        assert all(opt in line for opt in group_options(group)), line
+
+
+def test_conf_dir_is_the_repo_conf() -> None:
+    from resnet_repro.config import CONF_DIR
+
+    assert CONF_DIR == REPO / "conf"
