@@ -117,14 +117,21 @@ class ShardSampler(Sampler[int]):
 
 
 def build_train_sampler(
-    dataset: Dataset, repeats: int, global_batch: int, world: int, rank: int, seed: int
+    dataset: Dataset, repeats: int, global_batch: int, world: int, rank: int, seed: int, gpus: int | None = None
 ) -> Sampler[Any]:
-    """Shuffled shards of equal length (padded, like mmengine's DefaultSampler); reshuffled by set_epoch."""
+    """Shuffled shards of equal length (padded, like mmengine's DefaultSampler); reshuffled by set_epoch.
+
+    Repeated augmentation deals to the recipe's `gpus` (emulated when there are fewer processes), so
+    the copies of an image fall in different per-GPU (micro-)batches, as on the recipe's 8 GPUs.
+    """
     if repeats == 1:
         return GlobalBatchSampler(len(dataset), global_batch, world, rank, seed)  # type: ignore[arg-type]
     from resnet_repro.data.samplers import RepeatAugSampler
 
-    return RepeatAugSampler(dataset, num_replicas=world, rank=rank, num_repeats=repeats, seed=seed)
+    per_gpu = global_batch // gpus if gpus else None
+    return RepeatAugSampler(
+        dataset, num_replicas=world, rank=rank, num_repeats=repeats, seed=seed, gpus=gpus, batch_per_gpu=per_gpu
+    )
 
 
 @dataclass
@@ -140,30 +147,46 @@ class DataBundle:
 def build_data(cfg: Mapping[str, Any], *, batch: int, world: int, rank: int, workers: int, pin: bool) -> DataBundle:
     """Loaders of the dataset config `cfg["dataset"]` with the recipe's pipelines; `batch` images per device."""
     recipe = cfg["recipe"]
-    train_base, val_base = build_dataset(cfg["dataset"], "train"), build_dataset(cfg["dataset"], "test")
-    for name, split in (("train", train_base), ("test", val_base)):
-        if len(split) == 0:  # type: ignore[arg-type]
-            ds = cfg["dataset"]
-            raise DataError(f"the {name} split of dataset={ds['name']} is empty (root: {ds['root']})")
-    train_set = TransformedDataset(train_base, build_pipeline(recipe["train_pipeline"]))
-    val_set = TransformedDataset(val_base, build_pipeline(recipe["test_pipeline"]))
+    train_set = _split(cfg, "train", "train_pipeline")
     repeats, seed = int(recipe["sampler"]["repeats"]), int(cfg["seed"])
-    sampler = build_train_sampler(train_set, repeats, batch * world, world, rank, seed)
-    common = dict(batch_size=batch, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    sampler = build_train_sampler(train_set, repeats, batch * world, world, rank, seed, gpus=int(recipe["gpus"]))
+    train = DataLoader(
+        train_set,
+        sampler=sampler,
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+    )
+    val = build_eval_loader(cfg, batch, workers, world=world, rank=rank, pin=pin)
     return DataBundle(
-        train=DataLoader(train_set, sampler=sampler, drop_last=False, **common),
-        val=DataLoader(val_set, sampler=ShardSampler(len(val_set), world, rank), **common),
-        classes=list(getattr(train_base, "classes", [])),
+        train=train,
+        val=val,
+        classes=list(getattr(train_set.base, "classes", [])),
         num_train=len(train_set),
-        num_val=len(val_set),
-        verified=getattr(train_base, "verified", None),
+        num_val=len(val.dataset),  # type: ignore[arg-type]
+        verified=getattr(train_set.base, "verified", None),
     )
 
 
-def build_eval_loader(cfg: Mapping[str, Any], batch: int, workers: int) -> DataLoader:
-    """The test split with the recipe's test pipeline, in order, every sample once (one process)."""
-    base = build_dataset(cfg["dataset"], "test")
+def _split(cfg: Mapping[str, Any], split: str, pipeline: str) -> TransformedDataset:
+    base = build_dataset(cfg["dataset"], split)
     if len(base) == 0:  # type: ignore[arg-type]
-        raise DataError(f"the test split of dataset={cfg['dataset']['name']} is empty (root: {cfg['dataset']['root']})")
-    dataset = TransformedDataset(base, build_pipeline(cfg["recipe"]["test_pipeline"]))
-    return DataLoader(dataset, sampler=ShardSampler(len(dataset), 1, 0), batch_size=batch, num_workers=workers)
+        ds = cfg["dataset"]
+        raise DataError(f"the {split} split of dataset={ds['name']} is empty (root: {ds['root']})")
+    return TransformedDataset(base, build_pipeline(cfg["recipe"][pipeline]))
+
+
+def build_eval_loader(
+    cfg: Mapping[str, Any], batch: int, workers: int, *, world: int = 1, rank: int = 0, pin: bool = False
+) -> DataLoader:
+    """The test split with the recipe's test pipeline, every sample once over all ranks, in order."""
+    dataset = _split(cfg, "test", "test_pipeline")
+    return DataLoader(
+        dataset,
+        sampler=ShardSampler(len(dataset), world, rank),
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+    )

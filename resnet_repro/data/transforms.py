@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop as _TVRandomResizedCrop
 
+from resnet_repro.data.randaugment import RandAugment
 
 Array = np.ndarray
 CV2_INTERP = {
@@ -138,6 +139,7 @@ TRANSFORMS: dict[str, Callable[..., Callable[[Array], Array]]] = {
     "center_crop": CenterCrop,
     "random_crop": RandomCrop,
     "hflip": HFlip,
+    "rand_augment": RandAugment,
 }
 
 
