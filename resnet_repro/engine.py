@@ -14,7 +14,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,21 @@ def _git_commit() -> str:
         return "unknown"
 
 
+@torch.no_grad()
+def topk_accuracy(
+    model: nn.Module, batches: Iterable[Any], preprocess: Preprocessor, device: torch.device, num_classes: int
+) -> dict[str, float]:
+    """{"top1": %, "top5": %} over every (uint8 images, labels) batch; torchmetrics sums the counts over ranks."""
+    ks = sorted({1, min(5, num_classes)})
+    metrics = {k: MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device) for k in ks}
+    model.eval()
+    for images, labels in batches:
+        logits = model(preprocess(images.to(device, non_blocking=True)))
+        for metric in metrics.values():
+            metric.update(logits, labels.to(device, non_blocking=True))
+    return {f"top{k}": 100.0 * float(metric.compute()) for k, metric in metrics.items()}
+
+
 class Trainer:
     """Everything one rank needs to train one run; `fit()` runs it."""
 
@@ -158,9 +173,12 @@ class Trainer:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.net = self._wrap(self.model, bool(tr["compile"]))
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.bn_momenta = [(m, m.momentum) for m in norms]
         self.tracker = Tracker(cfg["tracking"]["uri"], cfg["tracking"]["experiment"], enabled=self.rank == 0)
         self.ckpt_dir = checkpoint.run_dir(tr["checkpoint_root"], info.row_name, info.config_hash)
         self.start_epoch, self.best_top1 = 0, float("-inf")
+        self.history: dict[int, dict[str, float]] = {}  # epoch -> its metrics, kept in every checkpoint
 
     # ---- construction -------------------------------------------------------------------------
     def _build_model(self) -> tuple[nn.Module, int, float]:
@@ -172,7 +190,7 @@ class Trainer:
             load_pretrained(model, init["pretrained"], prefix=init.get("prefix"))
         params = count_params(model)
         flops = count_flops(model, int(self.cfg["dataset"]["input_size"])) / 1e9 if self.rank == 0 else 0.0
-        if self.recipe["model"].get("sync_bn") and self.world > 1:
+        if self.sync_bn():
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model.to(self.device), params, flops
 
@@ -181,7 +199,10 @@ class Trainer:
             return None
         from resnet_repro.mixing import build_mixer
 
-        return build_mixer(self.recipe["mixing"], int(self.cfg["dataset"]["num_classes"]))
+        # mmpretrain mixes each GPU's batch on its own: keep partners within each emulated GPU's slice
+        gpus = int(self.recipe["gpus"])
+        chunks = gpus // self.world if gpus % self.world == 0 else 1
+        return build_mixer(self.recipe["mixing"], int(self.cfg["dataset"]["num_classes"]), chunks=chunks)
 
     def _wrap(self, model: nn.Module, compile_model: bool) -> nn.Module:
         net: nn.Module = model
@@ -190,11 +211,16 @@ class Trainer:
             net = DistributedDataParallel(model, device_ids=ids)
         return torch.compile(net) if compile_model else net
 
+    def sync_bn(self) -> bool:
+        """SyncBN across processes where the recipe asks for it; torch's SyncBatchNorm runs on CUDA only."""
+        return bool(self.recipe["model"].get("sync_bn")) and self.world > 1 and self.device.type == "cuda"
+
     def bn_batch(self) -> tuple[int, int]:
         """Images behind each BatchNorm statistic: (this run, the recipe)."""
-        sync = bool(self.recipe["model"].get("sync_bn"))
-        ours = self.micro_batch * (self.world if sync else 1)
-        recipe = int(self.recipe["batch_per_gpu"]) * (int(self.recipe["gpus"]) if sync else 1)
+        ours = self.micro_batch * (self.world if self.sync_bn() else 1)
+        recipe = int(self.recipe["batch_per_gpu"]) * (
+            int(self.recipe["gpus"]) if self.recipe["model"].get("sync_bn") else 1
+        )
         return ours, recipe
 
     # ---- one step -----------------------------------------------------------------------------
@@ -216,12 +242,23 @@ class Trainer:
         for i, (xc, tc) in enumerate(chunks):
             last = i == len(chunks) - 1
             no_sync = self.net.no_sync() if isinstance(self.net, DistributedDataParallel) and not last else None
+            self._track_bn_stats(self.rank == 0 and i == 0)
             with no_sync or contextlib.nullcontext(), self.autocast():
                 loss = self.criterion(self.net(xc), tc) * (xc.shape[0] / n)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         self._optimizer_step()
         return total
+
+    def _track_bn_stats(self, update: bool) -> None:
+        """BN running statistics follow the recipe's rank 0: only its first per-GPU batch of a step updates them.
+
+        On N GPUs without SyncBN each GPU keeps its own running statistics and the checkpoint holds rank
+        0's; emulating those GPUs with micro-batches would otherwise average over all of them. Momentum 0
+        leaves the statistics unchanged while the batch is still normalised by its own statistics.
+        """
+        for bn, momentum in self.bn_momenta:
+            bn.momentum = momentum if update else 0.0
 
     def _optimizer_step(self) -> None:
         if self.scaler is None:
@@ -279,25 +316,14 @@ class Trainer:
             "train_time_s": elapsed,
         }
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Top-1/top-5 (percent) over the whole split: each sample counted once, summed over ranks."""
-        model = self.model.eval()
         if self.world > 1:  # evaluate what the checkpoint holds: rank 0's BatchNorm statistics
-            for buffer in model.buffers():
+            for buffer in self.model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
-        k_max = min(5, int(self.cfg["dataset"]["num_classes"]))
-        metrics = {
-            f"val_top{k}": MulticlassAccuracy(int(self.cfg["dataset"]["num_classes"]), top_k=k, average="micro").to(
-                self.device
-            )
-            for k in sorted({1, k_max})
-        }
-        for _, (images, labels) in self._batches(self.data.val, self.cfg["trainer"]["limit_val_batches"]):
-            logits = model(self.preprocess(images.to(self.device, non_blocking=True)))
-            for metric in metrics.values():
-                metric.update(logits, labels.to(self.device, non_blocking=True))
-        return {name: 100.0 * float(metric.compute()) for name, metric in metrics.items()}
+        batches = (b for _, b in self._batches(self.data.val, self.cfg["trainer"]["limit_val_batches"]))
+        top = topk_accuracy(self.model, batches, self.preprocess, self.device, int(self.cfg["dataset"]["num_classes"]))
+        return {f"val_{k}": v for k, v in top.items()}
 
     # ---- checkpoints --------------------------------------------------------------------------
     def resume_path(self) -> Path | None:
@@ -324,6 +350,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.best_top1 = int(state["epoch"]), float(state["best_top1"])
+        self.history = dict(state.get("history", {}))
         rngs = state.get("rng") or []
         if len(rngs) == self.world:
             checkpoint.set_rng_state(rngs[self.rank])
@@ -351,6 +378,7 @@ class Trainer:
                 "best_top1": self.best_top1,
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "rng": rngs,
+                "history": self.history,
                 "world_size": self.world,
             },
             self.ckpt_dir / "last.pt",
@@ -370,6 +398,10 @@ class Trainer:
         if run_id is not None:
             self.tracker.start(self.info.row_name, {}, run_id=run_id)
             self.tracker.set_tags({"resumed_at_epoch": self.start_epoch})
+            logged = {step for step, _ in self.tracker.history(run_id, "val_top1")}
+            for epoch, metrics in sorted(self.history.items()):  # killed between checkpoint and MLflow
+                if epoch not in logged:
+                    self.tracker.log_metrics(metrics, step=epoch)
             return
         tags = {
             "row": self.info.row_name,
@@ -445,9 +477,10 @@ class Trainer:
         start = time.perf_counter()
         train = self.train_one_epoch(epoch)
         val = self.evaluate()
-        self.save(epoch + 1, val)
         metrics = {**train, **val, "epoch_time_s": time.perf_counter() - start}
         metrics.pop("train_time_s")
+        self.history[epoch + 1] = metrics
+        self.save(epoch + 1, val)  # the checkpoint carries the metrics: a crash before the next line loses none
         self.tracker.log_metrics(metrics, step=epoch + 1)
         if self.rank == 0:
             top5 = f"  top-5 {val['val_top5']:6.2f}" if "val_top5" in val else ""

@@ -10,6 +10,14 @@ class UserError(Exception):
     """Bad input (config, data, checkpoint): one line on stderr and exit status 2, never a traceback."""
 
 
+def one_line(err: BaseException) -> str:
+    """The message; for an error re-raised from a DataLoader worker, the worker's own last line."""
+    text = str(err).strip()
+    if "Original Traceback" in text:  # torch wraps worker errors with the worker's traceback
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def exit_with(err: BaseException) -> NoReturn:
-    print(f"resnet_repro: error: {err}", file=sys.stderr, flush=True)
+    print(f"resnet_repro: error: {one_line(err)}", file=sys.stderr, flush=True)
     sys.exit(2)
