@@ -17,6 +17,7 @@ What a training run records (the report reads these names):
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -81,6 +82,8 @@ class Tracker:
         if self._client is None:
             from mlflow import MlflowClient
 
+            logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database-migration chatter
+            logging.getLogger("alembic").setLevel(logging.WARNING)
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
@@ -178,3 +181,56 @@ def runs_table(uri: str | None, experiment: str, filter_string: str = "") -> Ite
     if tracker.client.get_experiment_by_name(experiment) is None:
         return []
     return tracker.search(filter_string)
+
+
+def store_missing(uri: str | None) -> bool:
+    """True when a local store (SQLite file, file:// or plain folder) does not exist yet.
+
+    Readers check this first: opening an MLflow client on a missing local store would create it.
+    """
+    uri = resolve_uri(uri)
+    if uri.startswith("sqlite:///"):
+        return not Path(uri[len("sqlite:///") :]).is_file()
+    if uri.startswith("file:"):
+        return not Path(uri[len("file:") :].removeprefix("//")).exists()
+    if "://" not in uri:
+        return not Path(uri).exists()
+    return False
+
+
+def read_runs(uri: str | None, experiment: str) -> list[dict[str, Any]]:
+    """Every active run of the experiment as plain data; [] when the store or the experiment is missing.
+
+    Each run: run_id, experiment_id, status, start_time (ms since the epoch), tags, params, metrics
+    (the latest value of each metric, i.e. the one at the highest step).
+    """
+    if store_missing(uri):
+        return []
+    tracker = Tracker(uri, experiment)
+    if retrying(tracker.client.get_experiment_by_name)(experiment) is None:
+        return []
+    return [
+        {
+            "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
+            "status": run.info.status,
+            "start_time": run.info.start_time,
+            "tags": dict(run.data.tags),
+            "params": dict(run.data.params),
+            "metrics": dict(run.data.metrics),
+        }
+        for run in tracker.search()
+    ]
+
+
+def metric_history(uri: str | None, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric of one run, in step order."""
+    return sorted(Tracker(uri, "").history(run_id, key))
+
+
+def run_page(uri: str | None, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in an MLflow server's UI; None for a local store (no page to link to)."""
+    uri = resolve_uri(uri)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -119,8 +119,9 @@ SPEC = {
 
 @pytest.mark.parametrize("recipe", sorted(SPEC))
 def test_recipe_numbers_match_the_spec(recipe: str) -> None:
-    spec, dataset = SPEC[recipe], ("imagenet1k" if recipe.startswith(("imagenet", "rsb")) else
-                                   "cub200" if recipe.startswith("cub") else "cifar100" if "100" in recipe else "cifar10")
+    spec = SPEC[recipe]
+    dataset = {"imagenet": "imagenet1k", "rsb": "imagenet1k", "cub": "cub200", "cifar": "cifar10",
+               "cifar100": "cifar100"}[recipe.split("-")[0]]
     r = compose([f"dataset={dataset}", f"recipe={recipe}"]).recipe
     opt, sched = r.optimizer, r.schedule
     assert (r.epochs, r.gpus, r.batch_per_gpu) == (spec["epochs"], spec["gpus"], spec["batch"])
