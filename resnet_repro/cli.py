@@ -21,6 +21,19 @@ def prepare_argv(argv: list[str]) -> list[str]:
         args = get_args_parser().parse_args(argv)
     except SystemExit:  # a malformed command line: let Hydra print its usage
         return argv
+    modes = [
+        flag
+        for flag, on in (
+            ("--run", args.run),
+            ("--multirun", args.multirun),
+            ("--cfg", args.cfg),
+            ("--info", args.info),
+            ("--shell-completion", args.shell_completion),
+        )
+        if on
+    ]
+    if len(modes) > 1:  # Hydra raises a ValueError (a traceback) for this
+        raise ConfigError(f"{' and '.join(modes)} cannot be combined; give one of --run, --multirun, --cfg, --info")
     if args.help or args.hydra_help or args.info or args.shell_completion or args.config_name or args.config_path:
         return argv
     overrides = user_overrides(args.overrides)

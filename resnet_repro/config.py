@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from resnet_repro.errors import UserError
-from resnet_repro.rows import composition_name, get_row, match_row
+from resnet_repro.rows import Row, composition_name, get_row, match_row
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUP_DIRS = ("model", "stem", "dataset", "recipe", "precision", "row", "trainer", "tracking", "sweep")
@@ -179,13 +179,9 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def deviations(cfg: DictConfig) -> list[str]:
-    """How this run departs from its table row's exact recipe (`key=value`); [] = faithful.
-
-    Empty only for a table row composed with nothing changed but where the data lies and how the
-    run executes. Custom compositions deviate by definition.
-    """
-    row = match_row(
+def table_row(cfg: DictConfig) -> Row | None:
+    """The table row a composed config stands for (a release recipe counts as its table recipe), or None."""
+    return match_row(
         {
             "model": f"resnet{cfg.model.depth}",
             "stem": cfg.stem.name,
@@ -194,6 +190,15 @@ def deviations(cfg: DictConfig) -> list[str]:
             "precision": cfg.precision.name,
         }
     )
+
+
+def deviations(cfg: DictConfig) -> list[str]:
+    """How this run departs from its table row's exact recipe (`key=value`); [] = faithful.
+
+    Empty only for a table row composed with nothing changed but where the data lies and how the
+    run executes. Custom compositions deviate by definition.
+    """
+    row = table_row(cfg)
     if row is None:
         return [f"custom composition {cfg.row_name}"]
     reference = flatten(identity(compose_row(row.name)))
@@ -248,6 +253,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     for k in recipe.eval_topk:
         if k > ds.num_classes:
             raise ConfigError(f"recipe.eval_topk has {k} but dataset={ds.name} has {ds.num_classes} classes")
+    workers = cfg.trainer.num_workers
+    if workers != "auto" and not (isinstance(workers, int) and workers >= 0):
+        raise ConfigError(f"trainer.num_workers={workers} is not allowed; allowed: auto or a count >= 0")
     _check_batches(cfg, world_size or int(cfg.trainer.nproc_per_node))
     resume = str(cfg.trainer.resume)
     if resume not in ("auto", "none", "None") and not Path(resume).is_file():

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from resnet_repro import checkpoint, distributed
 from resnet_repro.complexity import count_flops
-from resnet_repro.data import DataBundle, build_data
+from resnet_repro.data import DataBundle, build_data, resolve_workers
 from resnet_repro.errors import UserError
 from resnet_repro.losses import build_loss
 from resnet_repro.models import build_model_from_cfg, count_params
@@ -157,7 +157,7 @@ class Trainer:
             batch=self.device_batch,
             world=self.world,
             rank=self.rank,
-            workers=int(tr["num_workers"]),
+            workers=resolve_workers(tr["num_workers"], self.world),
             pin=self.device.type == "cuda",
         )
         self.model, self.params, self.flops = self._build_model()
@@ -300,9 +300,8 @@ class Trainer:
             loss_sum += self.train_step(images, labels) * images.shape[0]
             seen += images.shape[0]
             bar.update(1)
-            if it % 20 == 0 and not bar.disable:  # .item() syncs the device: not every step
-                rate = seen * self.world / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+            if self.rank == 0:
+                self._progress(bar, epoch, it + 1, n_iter, loss_sum, seen, lr, start)
         bar.close()
         elapsed = time.perf_counter() - start
         totals = torch.tensor([loss_sum.item(), float(seen)], dtype=torch.float64)
@@ -315,6 +314,30 @@ class Trainer:
             "train_img_per_s": float(totals[1]) / elapsed,
             "train_time_s": elapsed,
         }
+
+    def _progress(
+        self, bar: tqdm, epoch: int, done: int, total: int, loss_sum: torch.Tensor, seen: int, lr: float, start: float
+    ) -> None:
+        """The bar's loss / lr / img/s on a terminal (every 20 steps); without one, a log line every tenth of
+        the epoch. Reading the loss syncs the device, hence not every step."""
+        if (done % 20 if not bar.disable else done % max(1, total // 10)) and done != total:
+            return
+        elapsed = time.perf_counter() - start
+        loss, rate = loss_sum.item() / seen, seen * self.world / elapsed
+        if not bar.disable:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+        elif done != total:
+            eta = (total - done) * elapsed / done
+            log.info(
+                "epoch %d [%d/%d]  loss %.4f  lr %.4g  %.0f img/s  eta %.0f s",
+                epoch + 1,
+                done,
+                total,
+                loss,
+                lr,
+                rate,
+                eta,
+            )
 
     def evaluate(self) -> dict[str, float]:
         """Top-1/top-5 (percent) over the whole split: each sample counted once, summed over ranks."""

@@ -32,18 +32,9 @@ def split_args(argv: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def _tags(cfg: Any, source: str, loaded: Any, device: Any, num_test: int, verified: Any) -> dict[str, Any]:
-    from resnet_repro.config import config_hash, deviations
-    from resnet_repro.rows import match_row
+    from resnet_repro.config import config_hash, deviations, table_row
 
-    row = match_row(
-        {
-            "model": f"resnet{cfg.model.depth}",
-            "stem": cfg.stem.name,
-            "dataset": cfg.dataset.name,
-            "recipe": cfg.recipe.table_recipe,
-            "precision": cfg.precision.name,
-        }
-    )
+    row = table_row(cfg)
     devs = deviations(cfg)
     meta: Mapping[str, Any] = loaded.meta if loaded.kind == "ours" else {}
     return {
@@ -73,7 +64,7 @@ def run(argv: Sequence[str]) -> dict[str, float]:
         raise UserError(f"no checkpoint at {source}")
 
     from resnet_repro.convert import load_checkpoint
-    from resnet_repro.data import build_eval_loader
+    from resnet_repro.data import build_eval_loader, resolve_workers
     from resnet_repro.engine import Preprocessor, select_device, topk_accuracy
     from resnet_repro.models import build_model_from_cfg
     from resnet_repro.tracking import Tracker, ui_command
@@ -82,7 +73,7 @@ def run(argv: Sequence[str]) -> dict[str, float]:
     model = build_model_from_cfg(plain)
     loaded = load_checkpoint(model, source)
     device = select_device(str(cfg.trainer.device))
-    loader = build_eval_loader(plain, micro_batch(cfg), int(cfg.trainer.num_workers))
+    loader = build_eval_loader(plain, micro_batch(cfg), resolve_workers(cfg.trainer.num_workers, 1))
     preprocess = Preprocessor(list(cfg.dataset.mean), list(cfg.dataset.std), device, False)
     start = time.perf_counter()
     top = topk_accuracy(model.to(device), loader, preprocess, device, int(cfg.dataset.num_classes))

@@ -84,7 +84,16 @@ class Tracker:
 
             logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database-migration chatter
             logging.getLogger("alembic").setLevel(logging.WARNING)
-            self._client = MlflowClient(tracking_uri=self.uri)
+            if self.uri.startswith("sqlite:///"):
+                from filelock import FileLock
+
+                # opening the store creates its schema the first time; parallel jobs doing it at once collide
+                with FileLock(self.uri[len("sqlite:///") :] + ".lock"):
+                    client = MlflowClient(tracking_uri=self.uri)
+                    client.search_experiments(max_results=1)
+            else:
+                client = MlflowClient(tracking_uri=self.uri)
+            self._client = client
         return self._client
 
     @retrying

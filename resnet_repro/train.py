@@ -10,9 +10,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_repro import distributed
-from resnet_repro.config import config_hash, deviations, to_plain, user_overrides, validate
+from resnet_repro.config import config_hash, deviations, table_row, to_plain, user_overrides, validate
 from resnet_repro.engine import RunInfo, Trainer
-from resnet_repro.rows import match_row
 from resnet_repro.tracking import Tracker
 
 log = logging.getLogger("resnet_repro")
@@ -29,15 +28,7 @@ def run_info(cfg: DictConfig) -> RunInfo:
         output_dir = hc.runtime.output_dir
         if str(hc.mode) == "RunMode.MULTIRUN":
             sweep = hc.sweep.dir
-    row = match_row(
-        {
-            "model": f"resnet{cfg.model.depth}",
-            "stem": cfg.stem.name,
-            "dataset": cfg.dataset.name,
-            "recipe": cfg.recipe.table_recipe,
-            "precision": cfg.precision.name,
-        }
-    )
+    row = table_row(cfg)
     return RunInfo(
         row_name=cfg.row_name,
         config_hash=config_hash(cfg),

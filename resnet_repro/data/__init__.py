@@ -8,6 +8,7 @@ So a small dataset could later live on the GPU as uint8 without touching the loo
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -142,6 +143,13 @@ class DataBundle:
     num_train: int
     num_val: int
     verified: bool | None  # CIFAR archives: md5 of the official release matched
+
+
+def resolve_workers(setting: int | str, processes: int) -> int:
+    """`trainer.num_workers`: a count, or "auto" = the CPUs shared by the local processes (at most 8)."""
+    if setting == "auto":
+        return min(8, max(1, (os.cpu_count() or 1) // max(1, processes)))
+    return int(setting)
 
 
 def build_data(cfg: Mapping[str, Any], *, batch: int, world: int, rank: int, workers: int, pin: bool) -> DataBundle:

@@ -1,0 +1,55 @@
+"""Ready sweeps: every job composes a table row, a sweep's runs are grouped, and a re-issued sweep resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from resnet_repro.config import compose, expand_sweep, group_options, validate
+from resnet_repro.rows import all_rows
+from tests.conftest import REPO, mlflow_runs, run_cli, train_args
+
+ROW_NAMES = {row.name for row in all_rows()}
+EXPECTED_JOBS = {"all_rows": 22, "cifar10_depths": 5, "imagenet_depths": 5, "imagenet_v1c": 3, "imagenet_v1d": 3,
+                 "rsb": 3, "cifar10_seeds": 3}
+
+
+def sweep_jobs(name: str, extra: list[str]) -> list[list[str]]:
+    params = OmegaConf.load(REPO / "sweeps" / f"{name}.yaml").hydra.sweeper.params
+    return expand_sweep([f"{k}={v}" for k, v in params.items()] + extra)
+
+
+@pytest.mark.parametrize("name", group_options("sweep"))
+def test_every_job_of_a_sweep_is_a_table_row(name: str) -> None:
+    extra = ["row=resnet18_8xb16_cifar10"] if name == "cifar10_seeds" else []
+    jobs = sweep_jobs(name, extra)
+    assert len(jobs) == EXPECTED_JOBS[name]
+    names = []
+    for job in jobs:
+        cfg = compose(job)
+        validate(cfg)
+        names.append(cfg.row_name)
+    assert set(names) <= ROW_NAMES, set(names) - ROW_NAMES
+    assert len(set(names)) == (1 if name == "cifar10_seeds" else len(jobs))
+    if name == "all_rows":
+        assert set(names) == ROW_NAMES
+
+
+@pytest.mark.slow
+def test_multirun_groups_its_runs_and_a_reissued_sweep_skips_finished_jobs(tiny_cifar: Path, tmp_path: Path) -> None:
+    args = ["--multirun", "+sweep=cifar10_depths", "model=resnet18,resnet34", "recipe.epochs=1", "recipe.gpus=2",
+            *train_args(tmp_path, tiny_cifar)]
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = mlflow_runs(tmp_path)
+    assert sorted(r.data.tags["row"] for r in runs) == ["resnet18_8xb16_cifar10", "resnet34_8xb16_cifar10"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    sweeps = {r.data.tags["sweep"] for r in runs}
+    assert len(sweeps) == 1 and sweeps != {""}  # one sweep tag groups the jobs
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("skipping") == 2
+    assert len(mlflow_runs(tmp_path)) == 2
