@@ -205,10 +205,12 @@ class Trainer:
         return build_mixer(self.recipe["mixing"], int(self.cfg["dataset"]["num_classes"]), chunks=chunks)
 
     def _wrap(self, model: nn.Module, compile_model: bool) -> nn.Module:
+        """DDP across processes (kept as self.ddp for no_sync), then torch.compile around it if asked."""
         net: nn.Module = model
+        self.ddp: DistributedDataParallel | None = None
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            net = DistributedDataParallel(model, device_ids=ids)
+            net = self.ddp = DistributedDataParallel(model, device_ids=ids)
         return torch.compile(net) if compile_model else net
 
     def sync_bn(self) -> bool:
@@ -241,9 +243,9 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i, (xc, tc) in enumerate(chunks):
             last = i == len(chunks) - 1
-            no_sync = self.net.no_sync() if isinstance(self.net, DistributedDataParallel) and not last else None
             self._track_bn_stats(self.rank == 0 and i == 0)
-            with no_sync or contextlib.nullcontext(), self.autocast():
+            no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with no_sync, self.autocast():
                 loss = self.criterion(self.net(xc), tc) * (xc.shape[0] / n)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()

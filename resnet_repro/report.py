@@ -313,6 +313,24 @@ def retest_table(section: str, frame: pd.DataFrame) -> str:
     return markdown_table(pd.DataFrame(lines)) if lines else ""
 
 
+def other_runs_table(section: str, frame: pd.DataFrame) -> str:
+    """Training runs of this section's rows that do not count (smoke, unfinished, deviating), with why."""
+    lines = []
+    for row in (r for r in all_rows() if r.section == section):
+        runs = frame[(frame["run_type"] == "train") & (frame["row"] == row.name) & ~frame["counts"].astype(bool)]
+        for _, run in runs[runs["top1"].notna()].iterrows():
+            line = {
+                "Model": f"`{row.name}`",
+                "Top-1 (%)": fmt(run["top1"]),
+                "Published Top-1 (%)": fmt(row.top1_table),
+                "Δ Top-1": fmt_diff(float(run["top1"]) - row.top1_table),
+            }
+            if has_top5(section):
+                line["Top-5 (%)"] = fmt(run["top5"])
+            lines.append({**line, "Why it does not count": run["reason"], "Run": f"`{run['run_id']}`"})
+    return markdown_table(pd.DataFrame(lines)) if lines else ""
+
+
 def _run_item(run: pd.Series, links: Links) -> str:
     page = tracking.run_page(links.uri, str(run["experiment_id"]), run["run_id"])
     ident = f"[`{run['run_id']}`]({page})" if page else f"`{run['run_id']}`"
@@ -326,7 +344,8 @@ def _run_item(run: pd.Series, links: Links) -> str:
     return "- " + " · ".join(parts + [f"started {run['start_time']}"])
 
 
-def section_markdown(section: str, frame: pd.DataFrame, links: Links, level: str) -> str:
+def section_markdown(section: str, frame: pd.DataFrame, links: Links, level: str, with_others: bool = False) -> str:
+    """A section's table; `with_others` (results/<section>.md, not the README) adds the runs that do not count."""
     notes: list[str] = []
     rows = [r for r in all_rows() if r.section == section]
     table = pd.DataFrame([table_line(r, frame, links, notes) for r in rows], columns=column_order(section))
@@ -340,6 +359,9 @@ def section_markdown(section: str, frame: pd.DataFrame, links: Links, level: str
     shown = frame[frame["row"].isin(names) & frame["counts"].astype(bool)]
     if len(shown):
         parts += ["Runs behind these numbers:", "\n".join(_run_item(run, links) for _, run in shown.iterrows())]
+    others = other_runs_table(section, frame) if with_others else ""
+    if others:
+        parts += [f"Runs on {section} that do not count:", others]
     return "\n\n".join(parts) + "\n"
 
 
@@ -434,7 +456,7 @@ def build(frame: pd.DataFrame, uri: str, experiment: str, out: Path, readme: Pat
             files[curves / f"{row.name}.png"] = curves_png(row, runs, uri)
     local = Links(out, curves, uri)
     for section in SECTIONS:
-        text = section_markdown(section, frame, local, "#")
+        text = section_markdown(section, frame, local, "#", with_others=True)
         files[out / f"{section_slug(section)}.md"] = text.encode()
     if readme is not None:
         links = Links(readme.parent, curves, uri)

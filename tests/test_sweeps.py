@@ -12,8 +12,15 @@ from resnet_repro.rows import all_rows
 from tests.conftest import REPO, mlflow_runs, run_cli, train_args
 
 ROW_NAMES = {row.name for row in all_rows()}
-EXPECTED_JOBS = {"all_rows": 22, "cifar10_depths": 5, "imagenet_depths": 5, "imagenet_v1c": 3, "imagenet_v1d": 3,
-                 "rsb": 3, "cifar10_seeds": 3}
+EXPECTED_JOBS = {
+    "all_rows": 22,
+    "cifar10_depths": 5,
+    "imagenet_depths": 5,
+    "imagenet_v1c": 3,
+    "imagenet_v1d": 3,
+    "rsb": 3,
+    "cifar10_seeds": 3,
+}
 
 
 def sweep_jobs(name: str, extra: list[str]) -> list[list[str]]:
@@ -39,8 +46,14 @@ def test_every_job_of_a_sweep_is_a_table_row(name: str) -> None:
 
 @pytest.mark.slow
 def test_multirun_groups_its_runs_and_a_reissued_sweep_skips_finished_jobs(tiny_cifar: Path, tmp_path: Path) -> None:
-    args = ["--multirun", "+sweep=cifar10_depths", "model=resnet18,resnet34", "recipe.epochs=1", "recipe.gpus=2",
-            *train_args(tmp_path, tiny_cifar)]
+    args = [
+        "--multirun",
+        "+sweep=cifar10_depths",
+        "model=resnet18,resnet34",
+        "recipe.epochs=1",
+        "recipe.gpus=2",
+        *train_args(tmp_path, tiny_cifar),
+    ]
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow_runs(tmp_path)
@@ -53,3 +66,18 @@ def test_multirun_groups_its_runs_and_a_reissued_sweep_skips_finished_jobs(tiny_
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count("skipping") == 2
     assert len(mlflow_runs(tmp_path)) == 2
+
+    # the report on these two tiny runs: their numbers beside the published ones (they do not count: 1 epoch)
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:begin -->\n<!-- results:end -->\n")
+    report = run_cli(
+        [f"--tracking-uri=sqlite:///{tmp_path}/mlflow.db", f"--out={tmp_path}/results", f"--readme={readme}"],
+        cwd=tmp_path,
+        module="resnet_repro.report",
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    for run in runs:
+        line = next(x for x in report.stdout.splitlines() if run.info.run_id in x and x.startswith("| `"))
+        assert f"| {run.data.metrics['val_top1']:.2f} |" in line and "smoke: recipe.epochs=1" in line
+    assert (tmp_path / "results" / "cifar-10.md").is_file() and (tmp_path / "results" / "runs.csv").is_file()
+    assert "### Image Classification on CIFAR-10" in readme.read_text()
