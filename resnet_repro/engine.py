@@ -175,6 +175,7 @@ class Trainer:
         self.net = self._wrap(self.model, bool(tr["compile"]))
         norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.bn_momenta = [(m, m.momentum) for m in norms]
+        self.bn_updating = True
         self.tracker = Tracker(cfg["tracking"]["uri"], cfg["tracking"]["experiment"], enabled=self.rank == 0)
         self.ckpt_dir = checkpoint.run_dir(tr["checkpoint_root"], info.row_name, info.config_hash)
         self.start_epoch, self.best_top1 = 0, float("-inf")
@@ -240,17 +241,19 @@ class Trainer:
             x, target = self.mixer(x, labels)
         n = x.shape[0]
         chunks = list(zip(x.split(self.micro_batch), target.split(self.micro_batch), strict=True))
-        total = torch.zeros((), device=self.device)
+        losses = []
         for i, (xc, tc) in enumerate(chunks):
             last = i == len(chunks) - 1
             self._track_bn_stats(self.rank == 0 and i == 0)
             no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             with no_sync, self.autocast():
-                loss = self.criterion(self.net(xc), tc) * (xc.shape[0] / n)
+                loss = self.criterion(self.net(xc), tc)
+                if len(chunks) > 1:  # each micro-batch's share of the device batch's mean
+                    loss = loss * (xc.shape[0] / n)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.detach()
+            losses.append(loss.detach())
         self._optimizer_step()
-        return total
+        return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
 
     def _track_bn_stats(self, update: bool) -> None:
         """BN running statistics follow the recipe's rank 0: only its first per-GPU batch of a step updates them.
@@ -259,6 +262,9 @@ class Trainer:
         0's; emulating those GPUs with micro-batches would otherwise average over all of them. Momentum 0
         leaves the statistics unchanged while the batch is still normalised by its own statistics.
         """
+        if update == self.bn_updating:
+            return
+        self.bn_updating = update
         for bn, momentum in self.bn_momenta:
             bn.momentum = momentum if update else 0.0
 

@@ -7,7 +7,8 @@ Which runs count. A training run counts for its table row when all of these hold
 - it is faithful: tag faithful="true", i.e. it ran the row's exact recipe with no deviation
   (smoke runs with fewer epochs or limited batches, changed hyper-parameters, or BatchNorm over
   fewer images than the recipe are all deviations);
-- it ran full length: metric epochs_completed equals param recipe.epochs.
+- it ran full length: metric epochs_completed equals param recipe.epochs;
+- CIFAR rows: it read the official archives, md5-verified (tag data_verified="True"), not a copy.
 Its reproduced Top-1/Top-5 is the last epoch's val_top1/val_top5 (the final model, as the published
 checkpoints are; no best-epoch selection on the evaluation split). Several counting runs of one row
 (seeds) are shown as mean ± sample standard deviation with n and each run's number; a row without a
@@ -44,6 +45,7 @@ DEFAULT_EXPERIMENT = "resnet_repro"  # conf/tracking/default.yaml: experiment
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DASH = "—"
+OFFICIAL_DATA_ONLY = ("cifar10", "cifar100")  # datasets whose files the loader can verify (md5)
 SMOKE_KEYS = ("recipe.epochs=", "trainer.limit_train_batches=", "trainer.limit_val_batches=")
 CSV_COLUMNS = [
     "run_id",
@@ -109,6 +111,8 @@ def exclusion(run: dict[str, Any]) -> str:
     if metric not in run["metrics"]:
         reasons.append(f"no {metric}")
     reasons += _faithfulness(tags)  # an eval on a cut test split or another transform is no re-test either
+    if _rows_by_name()[row].dataset in OFFICIAL_DATA_ONLY and tags.get("data_verified") != "True":
+        reasons.append("data: not the md5-verified official CIFAR archives (e.g. an image-folder copy)")
     if run_type == "train" and run["status"] == "FINISHED":
         reasons += _full_length(run)
     return "; ".join(reasons)

@@ -33,10 +33,17 @@ def _train_run(
     faithful: bool = True,
     deviations: str = "",
     finish: bool = True,
+    data_verified: str = "True",
 ) -> str:
     """A training run with the tags, params and metrics the engine records."""
     tracker = Tracker(uri, EXPERIMENT)
-    tags = {"row": row, "run_type": "train", "faithful": str(faithful).lower(), "deviations": deviations}
+    tags = {
+        "row": row,
+        "run_type": "train",
+        "faithful": str(faithful).lower(),
+        "deviations": deviations,
+        "data_verified": data_verified,
+    }
     run_id = tracker.start(name, {**tags, "config_hash": f"hash{seed}", "section": "CIFAR-10"})
     tracker.log_params({"recipe.epochs": epochs, "seed": seed})
     tracker.log_metrics({"params": 11173962, "flops_g": 0.5562}, step=0)
@@ -52,6 +59,7 @@ def _train_run(
 def _eval_run(uri: str, checkpoint: str = URL, faithful: str = "true", deviations: str = "", **tags: str) -> str:
     """An evaluation run as `python -m resnet_repro.test` records it."""
     tracker = Tracker(uri, EXPERIMENT)
+    tags = {"data_verified": "True", **tags}
     tags |= {"row": ROW, "run_type": "eval", "checkpoint": checkpoint, "faithful": faithful, "deviations": deviations}
     run_id = tracker.start("test", tags)
     tracker.log_metrics({"test_top1": 94.8, "test_top5": 99.87}, step=0)
@@ -129,11 +137,11 @@ def test_only_finished_faithful_full_length_runs_count(store: dict[str, Any]) ->
 def test_exclusion_reasons_of_other_deviations() -> None:
     run = {"status": "FINISHED", "params": {"recipe.epochs": "200"}, "metrics": {"val_top1": 1.0}}
     run["metrics"]["epochs_completed"] = 200.0
-    tags = {"row": ROW, "run_type": "train", "faithful": "false"}
+    tags = {"row": ROW, "run_type": "train", "faithful": "false", "data_verified": "True"}
     lr = report.exclusion({**run, "tags": {**tags, "deviations": "recipe.optimizer.lr=0.2"}})
     assert lr == "deviates: recipe.optimizer.lr=0.2"
     assert report.exclusion({**run, "tags": {**tags, "faithful": "true"}}) == ""
-    assert report.exclusion({**run, "tags": {"row": ROW}}) == "not a training or evaluation run (run_type=missing)"
+    assert report.exclusion({**run, "tags": {"row": ROW, "data_verified": "True"}}) == "not a training or evaluation run (run_type=missing)"
 
 
 def test_seeds_give_mean_std_n_and_the_difference(store: dict[str, Any]) -> None:
@@ -238,3 +246,15 @@ def test_missing_store_prints_published_tables(tmp_path: Path) -> None:
     cub = _cells(stdout.split("# Image Classification on CUB-200-2011")[1], "resnet50_8xb8_cub")
     assert (cub["Top-1 (%)"], cub["Published Top-1 (%)"], cub["Pretrain"]) == ("—", "88.45", "From scratch¹")
     assert (tmp_path / "r" / "runs.csv").read_text().startswith("run_id,run_type,row,status,counts,reason,top1")
+
+
+def test_cifar_runs_count_only_on_the_official_archives(tmp_path: Path) -> None:
+    """A faithful, full-length run on a re-encoded image-folder copy of CIFAR-10 is listed, not counted."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = _train_run(uri, "jpeg-copy", 0, [90.0, 91.0, 92.0], data_verified="None")
+    code, _ = _report(
+        [f"--tracking-uri={uri}", f"--experiment={EXPERIMENT}", f"--out={tmp_path / 'results'}", "--no-readme"]
+    )
+    assert code == 0
+    runs = pd.read_csv(tmp_path / "results" / "runs.csv").set_index("run_id")
+    assert runs.loc[run_id, "counts"] == "no" and runs.loc[run_id, "reason"].startswith("data:")
