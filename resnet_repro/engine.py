@@ -326,9 +326,9 @@ class Trainer:
     def _progress(
         self, bar: tqdm, epoch: int, done: int, total: int, loss_sum: torch.Tensor, seen: int, lr: float, start: float
     ) -> None:
-        """The bar's loss / lr / img/s on a terminal (every 20 steps); without one, a log line every tenth of
-        the epoch. Reading the loss syncs the device, hence not every step."""
-        if (done % 20 if not bar.disable else done % max(1, total // 10)) and done != total:
+        """The bar's loss / lr / img/s on a terminal (every 20 steps); without one, a log line every tenth of the
+        epoch (at least 20 steps apart). Reading the loss syncs the device, hence not every step."""
+        if (done % 20 if not bar.disable else done % max(20, total // 10)) and done != total:
             return
         elapsed = time.perf_counter() - start
         loss, rate = loss_sum.item() / seen, seen * self.world / elapsed
