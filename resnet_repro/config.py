@@ -24,7 +24,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUP_DIRS = ("model", "stem", "dataset", "recipe", "precision", "row", "trainer", "tracking", "sweep")
 
 # dataset.* keys that say where the data lies, not what it is: they never change a run's identity
-DATA_LOCATION_KEYS = ("root", "format", "download")
+# (`format` does: an image-folder copy of CIFAR is other data than the official archives)
+DATA_LOCATION_KEYS = ("root", "download")
 # trainer.* keys that change what is trained (the rest only change how fast or where)
 TRAINER_IDENTITY_KEYS = ("micro_batch", "limit_train_batches", "limit_val_batches")
 

@@ -43,8 +43,9 @@ def tiny_cifar(tmp_path: Path) -> Path:
     return write_cifar10(tmp_path / "cifar10")
 
 
-def run_cli(args: list[str], cwd: Path, module: str = "resnet_repro", timeout: float = 600,
-            launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, module: str = "resnet_repro", timeout: float = 600, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
     """`python -m <module> <args>` in `cwd`, output captured; the environment pins CPU threads."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "2"}
     cmd = (launcher or [sys.executable, "-m", module]) + args
@@ -53,8 +54,12 @@ def run_cli(args: list[str], cwd: Path, module: str = "resnet_repro", timeout: f
 
 def train_args(tmp: Path, data: Path | None = None) -> list[str]:
     """Overrides that keep a CLI run inside `tmp` and on the CPU."""
-    args = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"trainer.checkpoint_root={tmp}/ckpt",
-            "trainer.device=cpu", "trainer.num_workers=0"]
+    args = [
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"trainer.checkpoint_root={tmp}/ckpt",
+        "trainer.device=cpu",
+        "trainer.num_workers=0",
+    ]
     if data is not None:
         args += [f"dataset.root={data}", "dataset.download=false"]
     return args

@@ -20,8 +20,13 @@ DATASET_DEFAULTS = {
 
 
 def choices(cfg) -> dict[str, str]:
-    return {"model": f"resnet{cfg.model.depth}", "stem": cfg.stem.name, "dataset": cfg.dataset.name,
-            "recipe": cfg.recipe.name, "precision": cfg.precision.name}
+    return {
+        "model": f"resnet{cfg.model.depth}",
+        "stem": cfg.stem.name,
+        "dataset": cfg.dataset.name,
+        "recipe": cfg.recipe.name,
+        "precision": cfg.precision.name,
+    }
 
 
 @pytest.mark.parametrize("name", ROWS)
@@ -78,8 +83,11 @@ def test_value_overrides_keep_the_row_but_are_recorded() -> None:
     assert cfg.row_name == "resnet18_8xb16_cifar10"
     assert deviations(cfg) == ["recipe.epochs=1"]  # where the data lies and how it runs are not deviations
     assert config_hash(cfg) != config_hash(compose_row("resnet18_8xb16_cifar10"))
+    copy = compose(["row=resnet18_8xb16_cifar10", "dataset.format=imagefolder"])  # other data than the archives
+    assert deviations(copy) == ["dataset.format=imagefolder"]
     assert config_hash(compose(["row=resnet18_8xb16_cifar10", "dataset.root=/x"])) == config_hash(
-        compose_row("resnet18_8xb16_cifar10"))
+        compose_row("resnet18_8xb16_cifar10")
+    )
 
 
 def test_release_recipes_still_name_their_row() -> None:
@@ -90,43 +98,183 @@ def test_release_recipes_still_name_their_row() -> None:
 
 # recipes.md, written out by hand: epochs, GPUs x batch, optimizer, schedule, loss, eval top-k
 SPEC = {
-    "imagenet-basic-100e": dict(epochs=100, gpus=8, batch=32, opt="sgd", lr=0.1, wd=1e-4, momentum=0.9,
-                                nesterov=False, decay_all=True, decay="step", milestones=[30, 60, 90], gamma=0.1,
-                                warmup=0, loss="softmax_ce", ls=0.0, topk=[1, 5], backend="cv2"),
-    "imagenet-basic-100e-pil": dict(epochs=100, gpus=8, batch=32, opt="sgd", lr=0.1, wd=1e-4, momentum=0.9,
-                                    nesterov=False, decay_all=True, decay="step", milestones=[30, 60, 90],
-                                    gamma=0.1, warmup=0, loss="softmax_ce", ls=0.0, topk=[1, 5], backend="pillow"),
-    "cifar-200e": dict(epochs=200, gpus=8, batch=16, opt="sgd", lr=0.1, wd=1e-4, momentum=0.9, nesterov=False,
-                       decay_all=True, decay="step", milestones=[100, 150], gamma=0.1, warmup=0, loss="softmax_ce",
-                       ls=0.0, topk=[1]),
-    "cifar100-200e": dict(epochs=200, gpus=8, batch=16, opt="sgd", lr=0.1, wd=5e-4, momentum=0.9, nesterov=False,
-                          decay_all=True, decay="step", milestones=[60, 120, 160], gamma=0.2, warmup=0,
-                          loss="softmax_ce", ls=0.0, topk=[1]),
-    "cub-ft-100e": dict(epochs=100, gpus=8, batch=8, opt="sgd", lr=0.01, wd=5e-4, momentum=0.9, nesterov=True,
-                        decay_all=True, decay="cosine", warmup=5, warmup_from=0.01, min_lr=0.0, loss="softmax_ce",
-                        ls=0.0, topk=[1]),
-    "rsb-a1": dict(epochs=600, gpus=8, batch=256, opt="lamb", lr=5e-3, wd=0.01, decay_all=False, decay="cosine",
-                   warmup=5, warmup_from=1e-4, min_lr=1e-6, loss="bce", ls=0.1, mixup=0.2, cutmix=1.0, magnitude=7,
-                   drop_path=0.05, repeats=3, topk=[1, 5]),
-    "rsb-a2": dict(epochs=300, gpus=8, batch=256, opt="lamb", lr=5e-3, wd=0.02, decay_all=False, decay="cosine",
-                   warmup=5, warmup_from=1e-4, min_lr=1e-6, loss="bce", ls=0.0, mixup=0.1, cutmix=1.0, magnitude=7,
-                   drop_path=0.05, repeats=3, topk=[1, 5]),
-    "rsb-a3": dict(epochs=100, gpus=8, batch=256, opt="lamb", lr=8e-3, wd=0.02, decay_all=False, decay="cosine",
-                   warmup=5, warmup_from=1e-4, min_lr=1e-6, loss="bce", ls=0.0, mixup=0.1, cutmix=1.0, magnitude=6,
-                   drop_path=0.0, repeats=1, topk=[1, 5]),
+    "imagenet-basic-100e": dict(
+        epochs=100,
+        gpus=8,
+        batch=32,
+        opt="sgd",
+        lr=0.1,
+        wd=1e-4,
+        momentum=0.9,
+        nesterov=False,
+        decay_all=True,
+        decay="step",
+        milestones=[30, 60, 90],
+        gamma=0.1,
+        warmup=0,
+        loss="softmax_ce",
+        ls=0.0,
+        topk=[1, 5],
+        backend="cv2",
+    ),
+    "imagenet-basic-100e-pil": dict(
+        epochs=100,
+        gpus=8,
+        batch=32,
+        opt="sgd",
+        lr=0.1,
+        wd=1e-4,
+        momentum=0.9,
+        nesterov=False,
+        decay_all=True,
+        decay="step",
+        milestones=[30, 60, 90],
+        gamma=0.1,
+        warmup=0,
+        loss="softmax_ce",
+        ls=0.0,
+        topk=[1, 5],
+        backend="pillow",
+    ),
+    "cifar-200e": dict(
+        epochs=200,
+        gpus=8,
+        batch=16,
+        opt="sgd",
+        lr=0.1,
+        wd=1e-4,
+        momentum=0.9,
+        nesterov=False,
+        decay_all=True,
+        decay="step",
+        milestones=[100, 150],
+        gamma=0.1,
+        warmup=0,
+        loss="softmax_ce",
+        ls=0.0,
+        topk=[1],
+    ),
+    "cifar100-200e": dict(
+        epochs=200,
+        gpus=8,
+        batch=16,
+        opt="sgd",
+        lr=0.1,
+        wd=5e-4,
+        momentum=0.9,
+        nesterov=False,
+        decay_all=True,
+        decay="step",
+        milestones=[60, 120, 160],
+        gamma=0.2,
+        warmup=0,
+        loss="softmax_ce",
+        ls=0.0,
+        topk=[1],
+    ),
+    "cub-ft-100e": dict(
+        epochs=100,
+        gpus=8,
+        batch=8,
+        opt="sgd",
+        lr=0.01,
+        wd=5e-4,
+        momentum=0.9,
+        nesterov=True,
+        decay_all=True,
+        decay="cosine",
+        warmup=5,
+        warmup_from=0.01,
+        min_lr=0.0,
+        loss="softmax_ce",
+        ls=0.0,
+        topk=[1],
+    ),
+    "rsb-a1": dict(
+        epochs=600,
+        gpus=8,
+        batch=256,
+        opt="lamb",
+        lr=5e-3,
+        wd=0.01,
+        decay_all=False,
+        decay="cosine",
+        warmup=5,
+        warmup_from=1e-4,
+        min_lr=1e-6,
+        loss="bce",
+        ls=0.1,
+        mixup=0.2,
+        cutmix=1.0,
+        magnitude=7,
+        drop_path=0.05,
+        repeats=3,
+        topk=[1, 5],
+    ),
+    "rsb-a2": dict(
+        epochs=300,
+        gpus=8,
+        batch=256,
+        opt="lamb",
+        lr=5e-3,
+        wd=0.02,
+        decay_all=False,
+        decay="cosine",
+        warmup=5,
+        warmup_from=1e-4,
+        min_lr=1e-6,
+        loss="bce",
+        ls=0.0,
+        mixup=0.1,
+        cutmix=1.0,
+        magnitude=7,
+        drop_path=0.05,
+        repeats=3,
+        topk=[1, 5],
+    ),
+    "rsb-a3": dict(
+        epochs=100,
+        gpus=8,
+        batch=256,
+        opt="lamb",
+        lr=8e-3,
+        wd=0.02,
+        decay_all=False,
+        decay="cosine",
+        warmup=5,
+        warmup_from=1e-4,
+        min_lr=1e-6,
+        loss="bce",
+        ls=0.0,
+        mixup=0.1,
+        cutmix=1.0,
+        magnitude=6,
+        drop_path=0.0,
+        repeats=1,
+        topk=[1, 5],
+    ),
 }
 
 
 @pytest.mark.parametrize("recipe", sorted(SPEC))
 def test_recipe_numbers_match_the_spec(recipe: str) -> None:
     spec = SPEC[recipe]
-    dataset = {"imagenet": "imagenet1k", "rsb": "imagenet1k", "cub": "cub200", "cifar": "cifar10",
-               "cifar100": "cifar100"}[recipe.split("-")[0]]
+    dataset = {
+        "imagenet": "imagenet1k",
+        "rsb": "imagenet1k",
+        "cub": "cub200",
+        "cifar": "cifar10",
+        "cifar100": "cifar100",
+    }[recipe.split("-")[0]]
     r = compose([f"dataset={dataset}", f"recipe={recipe}"]).recipe
     opt, sched = r.optimizer, r.schedule
     assert (r.epochs, r.gpus, r.batch_per_gpu) == (spec["epochs"], spec["gpus"], spec["batch"])
-    assert (opt.name, opt.lr, opt.weight_decay, opt.decay_norm_and_bias) == (spec["opt"], spec["lr"], spec["wd"],
-                                                                          spec["decay_all"])
+    assert (opt.name, opt.lr, opt.weight_decay, opt.decay_norm_and_bias) == (
+        spec["opt"],
+        spec["lr"],
+        spec["wd"],
+        spec["decay_all"],
+    )
     if spec["opt"] == "sgd":
         assert (opt.momentum, opt.nesterov) == (spec["momentum"], spec["nesterov"])
     else:
@@ -135,16 +283,22 @@ def test_recipe_numbers_match_the_spec(recipe: str) -> None:
     if spec["decay"] == "step":
         assert (list(sched.milestones), sched.gamma) == (spec["milestones"], spec["gamma"])
     else:
-        assert (sched.warmup_start_factor, sched.min_lr, sched.cosine_span) == (spec["warmup_from"], spec["min_lr"],
-                                                                               "after_warmup")
+        assert (sched.warmup_start_factor, sched.min_lr, sched.cosine_span) == (
+            spec["warmup_from"],
+            spec["min_lr"],
+            "after_warmup",
+        )
     assert (r.loss.name, r.loss.label_smoothing, list(r.eval_topk)) == (spec["loss"], spec["ls"], spec["topk"])
     if "backend" in spec:
         assert {step.get("backend") for step in r.train_pipeline + r.test_pipeline} - {None} == {spec["backend"]}
     if recipe.startswith("rsb"):
         assert (r.mixing.mixup_alpha, r.mixing.cutmix_alpha) == (spec["mixup"], spec["cutmix"])
         assert r.train_pipeline[2].magnitude == spec["magnitude"]
-        assert (r.model.drop_path_rate, r.sampler.repeats, r.model.sync_bn) == (spec["drop_path"], spec["repeats"],
-                                                                               True)
+        assert (r.model.drop_path_rate, r.sampler.repeats, r.model.sync_bn) == (
+            spec["drop_path"],
+            spec["repeats"],
+            True,
+        )
         assert [s.size for s in r.test_pipeline] == [236, 224]
 
 
@@ -154,14 +308,17 @@ def test_fp16_row_uses_a_static_loss_scale_of_512() -> None:
     assert cfg.recipe.name == "imagenet-basic-100e"
 
 
-@pytest.mark.parametrize(("overrides", "words"), [
-    (["model=resnet99"], ["model=resnet99", "resnet18, resnet34, resnet50, resnet101, resnet152"]),
-    (["dataset=imagenet1k", "stem=cifar"], ["stem=cifar", "v1b, v1c, v1d"]),
-    (["dataset=imagenet1k", "recipe=cifar-200e"], ["recipe=cifar-200e", "imagenet-basic-100e"]),
-    (["recipe.epoch=3"], ["recipe.epoch", "epochs"]),
-    (["trainer.device=tpu"], ["trainer.device=tpu", "cpu"]),
-    (["precision=fp8"], ["precision=fp8", "amp-fp16-static512"]),
-])
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (["model=resnet99"], ["model=resnet99", "resnet18, resnet34, resnet50, resnet101, resnet152"]),
+        (["dataset=imagenet1k", "stem=cifar"], ["stem=cifar", "v1b, v1c, v1d"]),
+        (["dataset=imagenet1k", "recipe=cifar-200e"], ["recipe=cifar-200e", "imagenet-basic-100e"]),
+        (["recipe.epoch=3"], ["recipe.epoch", "epochs"]),
+        (["trainer.device=tpu"], ["trainer.device=tpu", "cpu"]),
+        (["precision=fp8"], ["precision=fp8", "amp-fp16-static512"]),
+    ],
+)
 def test_bad_compositions_raise_a_config_error(overrides: list[str], words: list[str]) -> None:
     with pytest.raises(ConfigError) as err:
         validate(compose(overrides))
@@ -169,12 +326,15 @@ def test_bad_compositions_raise_a_config_error(overrides: list[str], words: list
     assert "\n" not in message and all(w in message for w in words), message
 
 
-@pytest.mark.parametrize("args", [
-    ["model=resnet99"],
-    ["dataset=imagenet1k", "stem=cifar"],
-    ["recipe.epoch=3"],
-    ["--multirun", "model=resnet18,resnet99"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["model=resnet99"],
+        ["dataset=imagenet1k", "stem=cifar"],
+        ["recipe.epoch=3"],
+        ["--multirun", "model=resnet18,resnet99"],
+    ],
+)
 def test_cli_bad_input_is_one_line_and_exit_2(args: list[str], tmp_path) -> None:
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr

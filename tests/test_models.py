@@ -38,7 +38,10 @@ def test_v1c_deep_stem_and_v1d_average_pool_shortcut() -> None:
     v1c, v1d = build_model(50, 10, deep_stem=True), build_model(50, 10, deep_stem=True, avg_down=True)
     convs = [m for m in v1c.conv1 if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == [
-        (3, 32, 3, 2), (32, 32, 3, 1), (32, 64, 3, 1)]
+        (3, 32, 3, 2),
+        (32, 32, 3, 1),
+        (32, 64, 3, 1),
+    ]
     assert isinstance(v1c.maxpool, nn.MaxPool2d)
     pool, conv = v1d.layer2[0].downsample[0], v1d.layer2[0].downsample[1]
     assert isinstance(pool, nn.AvgPool2d) and pool.kernel_size == 2 and pool.stride == 2

@@ -141,7 +141,8 @@ def test_exclusion_reasons_of_other_deviations() -> None:
     lr = report.exclusion({**run, "tags": {**tags, "deviations": "recipe.optimizer.lr=0.2"}})
     assert lr == "deviates: recipe.optimizer.lr=0.2"
     assert report.exclusion({**run, "tags": {**tags, "faithful": "true"}}) == ""
-    assert report.exclusion({**run, "tags": {"row": ROW, "data_verified": "True"}}) == "not a training or evaluation run (run_type=missing)"
+    untyped = {**run, "tags": {"row": ROW, "data_verified": "True"}}
+    assert report.exclusion(untyped) == "not a training or evaluation run (run_type=missing)"
 
 
 def test_seeds_give_mean_std_n_and_the_difference(store: dict[str, Any]) -> None:
