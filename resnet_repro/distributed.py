@@ -35,10 +35,6 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def is_main() -> bool:
-    return rank() == 0
-
-
 def init_from_env() -> None:
     """Join the process group torchrun (or our launcher) describes in the environment.
 
@@ -67,11 +63,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def barrier() -> None:
-    if is_initialized():
-        dist.barrier()
 
 
 def destroy() -> None:

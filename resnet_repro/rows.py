@@ -94,13 +94,3 @@ def composition_name(choices: dict[str, str]) -> str:
     if row is not None:
         return row.name
     return "custom:" + "-".join(str(choices[g]) for g in GROUPS)
-
-
-def nearest_row(choices: dict[str, str]) -> tuple[Row, list[str]]:
-    """The row that differs from these choices in the fewest groups, and those groups."""
-
-    def differing(row: Row) -> list[str]:
-        return [g for g in GROUPS if row.choices[g] != str(choices[g])]
-
-    best = min(all_rows(), key=lambda row: len(differing(row)))
-    return best, differing(best)

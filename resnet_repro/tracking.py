@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -179,17 +179,6 @@ class Tracker:
     @retrying
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
-
-    def run_url(self) -> str:
-        return f"{self.uri} experiment '{self.experiment}', run {self.run_id}"
-
-
-def runs_table(uri: str | None, experiment: str, filter_string: str = "") -> Iterable[Any]:
-    """Every run of the experiment (newest first); empty when the experiment does not exist yet."""
-    tracker = Tracker(uri, experiment)
-    if tracker.client.get_experiment_by_name(experiment) is None:
-        return []
-    return tracker.search(filter_string)
 
 
 def store_missing(uri: str | None) -> bool:
