@@ -96,164 +96,49 @@ def test_release_recipes_still_name_their_row() -> None:
     assert cfg.recipe.train_pipeline[0].size == 160  # A3 trained at 160 px at release
 
 
-# recipes.md, written out by hand: epochs, GPUs x batch, optimizer, schedule, loss, eval top-k
-SPEC = {
-    "imagenet-basic-100e": dict(
-        epochs=100,
-        gpus=8,
-        batch=32,
-        opt="sgd",
-        lr=0.1,
-        wd=1e-4,
-        momentum=0.9,
-        nesterov=False,
-        decay_all=True,
-        decay="step",
-        milestones=[30, 60, 90],
-        gamma=0.1,
-        warmup=0,
-        loss="softmax_ce",
-        ls=0.0,
-        topk=[1, 5],
-        backend="cv2",
-    ),
-    "imagenet-basic-100e-pil": dict(
-        epochs=100,
-        gpus=8,
-        batch=32,
-        opt="sgd",
-        lr=0.1,
-        wd=1e-4,
-        momentum=0.9,
-        nesterov=False,
-        decay_all=True,
-        decay="step",
-        milestones=[30, 60, 90],
-        gamma=0.1,
-        warmup=0,
-        loss="softmax_ce",
-        ls=0.0,
-        topk=[1, 5],
-        backend="pillow",
-    ),
-    "cifar-200e": dict(
-        epochs=200,
-        gpus=8,
-        batch=16,
-        opt="sgd",
-        lr=0.1,
-        wd=1e-4,
-        momentum=0.9,
-        nesterov=False,
-        decay_all=True,
-        decay="step",
-        milestones=[100, 150],
-        gamma=0.1,
-        warmup=0,
-        loss="softmax_ce",
-        ls=0.0,
-        topk=[1],
-    ),
-    "cifar100-200e": dict(
-        epochs=200,
-        gpus=8,
-        batch=16,
-        opt="sgd",
-        lr=0.1,
-        wd=5e-4,
-        momentum=0.9,
-        nesterov=False,
-        decay_all=True,
-        decay="step",
-        milestones=[60, 120, 160],
-        gamma=0.2,
-        warmup=0,
-        loss="softmax_ce",
-        ls=0.0,
-        topk=[1],
-    ),
-    "cub-ft-100e": dict(
-        epochs=100,
-        gpus=8,
-        batch=8,
-        opt="sgd",
-        lr=0.01,
-        wd=5e-4,
-        momentum=0.9,
-        nesterov=True,
-        decay_all=True,
-        decay="cosine",
-        warmup=5,
-        warmup_from=0.01,
-        min_lr=0.0,
-        loss="softmax_ce",
-        ls=0.0,
-        topk=[1],
-    ),
-    "rsb-a1": dict(
-        epochs=600,
-        gpus=8,
-        batch=256,
-        opt="lamb",
-        lr=5e-3,
-        wd=0.01,
-        decay_all=False,
-        decay="cosine",
-        warmup=5,
-        warmup_from=1e-4,
-        min_lr=1e-6,
-        loss="bce",
-        ls=0.1,
-        mixup=0.2,
-        cutmix=1.0,
-        magnitude=7,
-        drop_path=0.05,
-        repeats=3,
-        topk=[1, 5],
-    ),
-    "rsb-a2": dict(
-        epochs=300,
-        gpus=8,
-        batch=256,
-        opt="lamb",
-        lr=5e-3,
-        wd=0.02,
-        decay_all=False,
-        decay="cosine",
-        warmup=5,
-        warmup_from=1e-4,
-        min_lr=1e-6,
-        loss="bce",
-        ls=0.0,
-        mixup=0.1,
-        cutmix=1.0,
-        magnitude=7,
-        drop_path=0.05,
-        repeats=3,
-        topk=[1, 5],
-    ),
-    "rsb-a3": dict(
-        epochs=100,
-        gpus=8,
-        batch=256,
-        opt="lamb",
-        lr=8e-3,
-        wd=0.02,
-        decay_all=False,
-        decay="cosine",
-        warmup=5,
-        warmup_from=1e-4,
-        min_lr=1e-6,
-        loss="bce",
-        ls=0.0,
-        mixup=0.1,
-        cutmix=1.0,
-        magnitude=6,
-        drop_path=0.0,
-        repeats=1,
-        topk=[1, 5],
-    ),
-}
+# recipes.md §2-§5, written out by hand ("-" = not applicable; milestones separated by "/")
+OPTIM_TABLE = """
+recipe                  epochs gpus batch opt  lr    wd    momentum nesterov decay_all
+imagenet-basic-100e     100    8    32    sgd  0.1   1e-4  0.9      False    True
+imagenet-basic-100e-pil 100    8    32    sgd  0.1   1e-4  0.9      False    True
+cifar-200e              200    8    16    sgd  0.1   1e-4  0.9      False    True
+cifar100-200e           200    8    16    sgd  0.1   5e-4  0.9      False    True
+cub-ft-100e             100    8    8     sgd  0.01  5e-4  0.9      True     True
+rsb-a1                  600    8    256   lamb 5e-3  0.01  -        -        False
+rsb-a2                  300    8    256   lamb 5e-3  0.02  -        -        False
+rsb-a3                  100    8    256   lamb 8e-3  0.02  -        -        False
+"""
+SCHEDULE_TABLE = """
+recipe                  decay  milestones gamma warmup warmup_from min_lr loss       ls  topk backend
+imagenet-basic-100e     step   30/60/90   0.1   0      -           -      softmax_ce 0.0 1/5  cv2
+imagenet-basic-100e-pil step   30/60/90   0.1   0      -           -      softmax_ce 0.0 1/5  pillow
+cifar-200e              step   100/150    0.1   0      -           -      softmax_ce 0.0 1    -
+cifar100-200e           step   60/120/160 0.2   0      -           -      softmax_ce 0.0 1    -
+cub-ft-100e             cosine -          -     5      0.01        0.0    softmax_ce 0.0 1    cv2
+rsb-a1                  cosine -          -     5      1e-4        1e-6   bce        0.1 1/5  pillow
+rsb-a2                  cosine -          -     5      1e-4        1e-6   bce        0.0 1/5  pillow
+rsb-a3                  cosine -          -     5      1e-4        1e-6   bce        0.0 1/5  pillow
+"""
+# recipes.md §3: the RSB knobs
+RSB_TABLE = """
+recipe mixup cutmix magnitude drop_path repeats
+rsb-a1 0.2   1.0    7         0.05      3
+rsb-a2 0.1   1.0    7         0.05      3
+rsb-a3 0.1   1.0    6         0.0       1
+"""
+
+
+def _table(text: str) -> dict[str, dict[str, str]]:
+    header, *lines = [line.split() for line in text.strip().splitlines()]
+    return {cells[0]: dict(zip(header[1:], cells[1:], strict=True)) for cells in lines}
+
+
+SCHEDULES, RSB = _table(SCHEDULE_TABLE), _table(RSB_TABLE)
+SPEC = {name: {**row, **SCHEDULES[name]} for name, row in _table(OPTIM_TABLE).items()}
+
+
+def _ints(cell: str) -> list[int]:
+    return [int(v) for v in cell.split("/")]
 
 
 @pytest.mark.parametrize("recipe", sorted(SPEC))
@@ -268,38 +153,29 @@ def test_recipe_numbers_match_the_spec(recipe: str) -> None:
     }[recipe.split("-")[0]]
     r = compose([f"dataset={dataset}", f"recipe={recipe}"]).recipe
     opt, sched = r.optimizer, r.schedule
-    assert (r.epochs, r.gpus, r.batch_per_gpu) == (spec["epochs"], spec["gpus"], spec["batch"])
-    assert (opt.name, opt.lr, opt.weight_decay, opt.decay_norm_and_bias) == (
-        spec["opt"],
-        spec["lr"],
-        spec["wd"],
-        spec["decay_all"],
-    )
+    assert (r.epochs, r.gpus, r.batch_per_gpu) == (int(spec["epochs"]), int(spec["gpus"]), int(spec["batch"]))
+    assert (opt.name, opt.lr, opt.weight_decay) == (spec["opt"], float(spec["lr"]), float(spec["wd"]))
+    assert str(opt.decay_norm_and_bias) == spec["decay_all"]
     if spec["opt"] == "sgd":
-        assert (opt.momentum, opt.nesterov) == (spec["momentum"], spec["nesterov"])
+        assert (opt.momentum, str(opt.nesterov)) == (float(spec["momentum"]), spec["nesterov"])
     else:
         assert (list(opt.betas), opt.eps, opt.max_grad_norm) == ([0.9, 0.999], 1e-6, 1.0)
-    assert (sched.decay, sched.warmup_epochs) == (spec["decay"], spec["warmup"])
+    assert (sched.decay, sched.warmup_epochs) == (spec["decay"], int(spec["warmup"]))
     if spec["decay"] == "step":
-        assert (list(sched.milestones), sched.gamma) == (spec["milestones"], spec["gamma"])
+        assert (list(sched.milestones), sched.gamma) == (_ints(spec["milestones"]), float(spec["gamma"]))
     else:
-        assert (sched.warmup_start_factor, sched.min_lr, sched.cosine_span) == (
-            spec["warmup_from"],
-            spec["min_lr"],
-            "after_warmup",
-        )
-    assert (r.loss.name, r.loss.label_smoothing, list(r.eval_topk)) == (spec["loss"], spec["ls"], spec["topk"])
-    if "backend" in spec:
+        assert (sched.warmup_start_factor, sched.min_lr) == (float(spec["warmup_from"]), float(spec["min_lr"]))
+        assert sched.cosine_span == "after_warmup"
+    assert (r.loss.name, r.loss.label_smoothing) == (spec["loss"], float(spec["ls"]))
+    assert list(r.eval_topk) == _ints(spec["topk"])
+    if spec["backend"] != "-":
         assert {step.get("backend") for step in r.train_pipeline + r.test_pipeline} - {None} == {spec["backend"]}
-    if recipe.startswith("rsb"):
-        assert (r.mixing.mixup_alpha, r.mixing.cutmix_alpha) == (spec["mixup"], spec["cutmix"])
-        assert r.train_pipeline[2].magnitude == spec["magnitude"]
-        assert (r.model.drop_path_rate, r.sampler.repeats, r.model.sync_bn) == (
-            spec["drop_path"],
-            spec["repeats"],
-            True,
-        )
-        assert [s.size for s in r.test_pipeline] == [236, 224]
+    if recipe in RSB:
+        rsb = RSB[recipe]
+        assert (r.mixing.mixup_alpha, r.mixing.cutmix_alpha) == (float(rsb["mixup"]), float(rsb["cutmix"]))
+        assert r.train_pipeline[2].magnitude == int(rsb["magnitude"])
+        assert (r.model.drop_path_rate, r.sampler.repeats) == (float(rsb["drop_path"]), int(rsb["repeats"]))
+        assert r.model.sync_bn and [s.size for s in r.test_pipeline] == [236, 224]
 
 
 def test_fp16_row_uses_a_static_loss_scale_of_512() -> None:
