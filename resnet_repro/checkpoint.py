@@ -35,9 +35,10 @@ def save_atomic(obj: Any, path: Path) -> None:
         raise
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def load(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint on the CPU; `mmap=True` maps tensors lazily (cheap when only metadata is read)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
     except Exception as err:  # truncated or not a torch file

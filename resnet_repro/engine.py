@@ -363,10 +363,9 @@ class Trainer:
         if mode not in ("auto", "none", "None"):
             return Path(mode)
         last = self.ckpt_dir / "last.pt"
-        if mode == "auto" and last.is_file():
-            state = checkpoint.load(last)
-            if int(state["epoch"]) < int(self.recipe["epochs"]):
-                return last
+        unfinished = last.is_file() and int(checkpoint.load(last, mmap=True)["epoch"]) < int(self.recipe["epochs"])
+        if mode == "auto" and unfinished:
+            return last
         moved = checkpoint.archive(self.ckpt_dir)
         if moved:
             log.info("earlier checkpoints of this config moved to %s", moved)

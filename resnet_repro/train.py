@@ -69,10 +69,10 @@ def already_finished(cfg: dict[str, Any], info: RunInfo) -> bool:
     return done is not None
 
 
-def train(cfg: dict[str, Any], info: RunInfo) -> float | None:
+def train(cfg: dict[str, Any], info: RunInfo, check_finished: bool = True) -> float | None:
     """Train on every rank of the current process group (or alone)."""
     distributed.init_from_env()
-    if distributed.broadcast_object(already_finished(cfg, info)):
+    if check_finished and distributed.broadcast_object(already_finished(cfg, info)):
         return None
     return Trainer(cfg, info).fit()
 
@@ -84,7 +84,7 @@ def worker_main(cfg: dict[str, Any], info: RunInfo) -> float | None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s", stream=sys.stdout)
     try:
-        return train(cfg, info)
+        return train(cfg, info, check_finished=False)  # the launching job has checked
     except UserError as err:
         exit_with(err)
     finally:
