@@ -12,35 +12,17 @@ reproduces it. "Params" count the whole classifier, head included.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
 import pandas as pd
-from ptflops import get_model_complexity_info
 from torch import nn
 
 from resnet_repro.config import compose_row
-from resnet_repro.models import ResNet, build_model_from_cfg, count_params
+from resnet_repro.models import build_model_from_cfg, count_flops, count_params
 from resnet_repro.rows import Row, all_rows
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
-
-
-def count_flops(model: ResNet, input_px: int) -> int:
-    """MACs of backbone + global pooling at 1x3xPxP, with the table's counting rules."""
-    features = copy.deepcopy(model).eval()
-    features.reset_classifier(0)  # fc -> Identity: the table leaves the classifier out
-    macs, _ = get_model_complexity_info(
-        features,
-        (3, input_px, input_px),
-        as_strings=False,
-        print_per_layer_stat=False,
-        verbose=False,
-        backend="pytorch",  # the library's documented default backend differs from its code: be explicit
-        backend_specific_config={"count_functional": False},
-    )
-    return int(macs)
 
 
 def row_model(row: Row) -> nn.Module:

@@ -26,11 +26,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
 from resnet_repro import checkpoint, distributed
-from resnet_repro.complexity import count_flops
 from resnet_repro.data import DataBundle, build_data, resolve_workers
 from resnet_repro.errors import UserError
 from resnet_repro.losses import build_loss
-from resnet_repro.models import build_model_from_cfg, count_params
+from resnet_repro.models import build_model_from_cfg, count_flops, count_params
 from resnet_repro.optim import build_optimizer, learning_rate, set_lr
 from resnet_repro.tracking import Tracker, ui_command
 

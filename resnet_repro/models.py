@@ -9,6 +9,7 @@ RSB release configs.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -115,3 +116,22 @@ def build_model_from_cfg(cfg: Mapping[str, Any]) -> ResNet:
 def count_params(model: nn.Module) -> int:
     """Trainable parameters of the whole classifier, head included (the table's "Params")."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_flops(model: ResNet, input_px: int) -> int:
+    """MACs of backbone + global pooling at 1x3xPxP, counted as the table did (shared/spec/complexity.md):
+    mmcv 1.x's convention, reproduced by ptflops 0.7.5 with functional counting off, classifier left out."""
+    from ptflops import get_model_complexity_info  # imported on use: only rank 0 and the complexity command count
+
+    features = copy.deepcopy(model).eval()
+    features.reset_classifier(0)  # fc -> Identity: the table leaves the classifier out
+    macs, _ = get_model_complexity_info(
+        features,
+        (3, input_px, input_px),
+        as_strings=False,
+        print_per_layer_stat=False,
+        verbose=False,
+        backend="pytorch",  # the library's documented default backend differs from its code: be explicit
+        backend_specific_config={"count_functional": False},
+    )
+    return int(macs)

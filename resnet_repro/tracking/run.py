@@ -1,4 +1,4 @@
-"""The only module that talks to MLflow.
+"""One MLflow run of one job, written by rank 0 (the training and evaluation side of the store).
 
 Default store: an SQLite file at an absolute path (`sqlite:///<launch dir>/mlflow.db`), artifacts
 beside it, no server. `tracking.uri=http://host:5000` (or any MLflow URI) uses another store.
@@ -16,56 +16,12 @@ What a training run records (the report reads these names):
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
-T = TypeVar("T")
-MAX_WAIT_S = 120.0
-
-
-def default_uri() -> str:
-    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
-
-
-def resolve_uri(uri: str | None) -> str:
-    """None -> the default store; a relative sqlite path -> absolute, so every job writes to one file."""
-    if not uri:
-        return default_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
-    return uri
-
-
-def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
-
-
-def _transient(err: Exception) -> bool:
-    text = str(err).lower()
-    return "database is locked" in text or "database table is locked" in text or "unable to open database" in text
-
-
-def retrying(fn: Callable[..., T]) -> Callable[..., T]:
-    """Retry an MLflow call while SQLite is locked by a parallel job (back-off up to MAX_WAIT_S)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        delay, waited = 0.05, 0.0
-        while True:
-            try:
-                return fn(*args, **kwargs)
-            except Exception as err:
-                if not _transient(err) or waited > MAX_WAIT_S:
-                    raise
-                time.sleep(delay)
-                waited += delay
-                delay = min(delay * 2, 2.0)
-
-    return wrapper
+from resnet_repro.tracking.uri import resolve_uri, retrying, sqlite_path
 
 
 class Tracker:
@@ -84,11 +40,12 @@ class Tracker:
 
             logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database-migration chatter
             logging.getLogger("alembic").setLevel(logging.WARNING)
-            if self.uri.startswith("sqlite:///"):
+            db = sqlite_path(self.uri)
+            if db is not None:
                 from filelock import FileLock
 
                 # opening the store creates its schema the first time; parallel jobs doing it at once collide
-                with FileLock(self.uri[len("sqlite:///") :] + ".lock"):
+                with FileLock(str(db) + ".lock"):
                     client = MlflowClient(tracking_uri=self.uri)
                     client.search_experiments(max_results=1)
             else:
@@ -107,9 +64,8 @@ class Tracker:
         return self._experiment_id
 
     def _create_experiment(self) -> str:
-        artifacts = None
-        if self.uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the cwd
-            artifacts = (Path(self.uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+        db = sqlite_path(self.uri)  # keep artifacts beside the database, not in the cwd
+        artifacts = (db.parent / "mlartifacts").as_uri() if db is not None else None
         try:
             return self.client.create_experiment(self.experiment, artifact_location=artifacts)
         except Exception:  # a parallel job created it first
@@ -179,56 +135,3 @@ class Tracker:
     @retrying
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
-
-
-def store_missing(uri: str | None) -> bool:
-    """True when a local store (SQLite file, file:// or plain folder) does not exist yet.
-
-    Readers check this first: opening an MLflow client on a missing local store would create it.
-    """
-    uri = resolve_uri(uri)
-    if uri.startswith("sqlite:///"):
-        return not Path(uri[len("sqlite:///") :]).is_file()
-    if uri.startswith("file:"):
-        return not Path(uri[len("file:") :].removeprefix("//")).exists()
-    if "://" not in uri:
-        return not Path(uri).exists()
-    return False
-
-
-def read_runs(uri: str | None, experiment: str) -> list[dict[str, Any]]:
-    """Every active run of the experiment as plain data; [] when the store or the experiment is missing.
-
-    Each run: run_id, experiment_id, status, start_time (ms since the epoch), tags, params, metrics
-    (the latest value of each metric, i.e. the one at the highest step).
-    """
-    if store_missing(uri):
-        return []
-    tracker = Tracker(uri, experiment)
-    if retrying(tracker.client.get_experiment_by_name)(experiment) is None:
-        return []
-    return [
-        {
-            "run_id": run.info.run_id,
-            "experiment_id": run.info.experiment_id,
-            "status": run.info.status,
-            "start_time": run.info.start_time,
-            "tags": dict(run.data.tags),
-            "params": dict(run.data.params),
-            "metrics": dict(run.data.metrics),
-        }
-        for run in tracker.search()
-    ]
-
-
-def metric_history(uri: str | None, run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) of one metric of one run, in step order."""
-    return sorted(Tracker(uri, "").history(run_id, key))
-
-
-def run_page(uri: str | None, experiment_id: str, run_id: str) -> str | None:
-    """The run's page in an MLflow server's UI; None for a local store (no page to link to)."""
-    uri = resolve_uri(uri)
-    if not uri.startswith(("http://", "https://")):
-        return None
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

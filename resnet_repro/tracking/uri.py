@@ -1,0 +1,58 @@
+"""Where the MLflow store is and how to talk to it: URIs, the SQLite file path, retries while SQLite is locked."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+MAX_WAIT_S = 120.0
+SQLITE = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an `sqlite:///` URI (relative paths against the cwd); None for other stores."""
+    return Path(uri[len(SQLITE) :]).resolve() if uri.startswith(SQLITE) else None
+
+
+def default_uri() -> str:
+    return f"{SQLITE}{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def resolve_uri(uri: str | None) -> str:
+    """None -> the default store; a relative sqlite path -> absolute, so every job writes to one file."""
+    if not uri:
+        return default_uri()
+    db = sqlite_path(uri)
+    return f"{SQLITE}{db}" if db is not None else uri
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+
+
+def _transient(err: Exception) -> bool:
+    text = str(err).lower()
+    return "database is locked" in text or "database table is locked" in text or "unable to open database" in text
+
+
+def retrying(fn: Callable[..., T]) -> Callable[..., T]:
+    """Retry an MLflow call while SQLite is locked by a parallel job (back-off up to MAX_WAIT_S)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        delay, waited = 0.05, 0.0
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                if not _transient(err) or waited > MAX_WAIT_S:
+                    raise
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 2.0)
+
+    return wrapper
