@@ -7,6 +7,8 @@ element, additions free — over the backbone and pooling only (classifier remov
 reproduces it. "Params" count the whole classifier, head included.
 
     python -m resnet_repro.complexity      # prints the 22 rows, writes results/complexity.{md,csv}
+
+The files go under the current directory's results/ (--out), never into the installed package's tree.
 """
 
 from __future__ import annotations
@@ -20,9 +22,19 @@ from torch import nn
 
 from resnet_repro.config import compose_row
 from resnet_repro.models import build_model_from_cfg, count_flops, count_params
+from resnet_repro.report import markdown
 from resnet_repro.rows import Row, all_rows
 
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
+RESULTS_DIR = Path("results")  # of the current directory
+MARKDOWN_COLUMNS = {  # column of complexity_table -> its header, its alignment
+    "row": ("Row", "left"),
+    "input_px": ("Input", "right"),
+    "params_m": ("Params (M)", "right"),
+    "params_m_table": ("Table params (M)", "right"),
+    "flops_g": ("Flops (G)", "right"),
+    "flops_g_table": ("Table flops (G)", "right"),
+    "status": ("Status", "left"),
+}
 
 
 def row_model(row: Row) -> nn.Module:
@@ -62,21 +74,20 @@ def complexity_table(rows: tuple[Row, ...] | None = None) -> pd.DataFrame:
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    lines = [
-        "| Row | Input | Params (M) | table | Flops (G) | table | Status |",
-        "| :-- | --: | --: | --: | --: | --: | :-- |",
-    ]
-    for r in df.itertuples():
-        lines.append(
-            f"| `{r.row}` | {r.input_px} | {r.params_m:.2f} | {r.params_m_table:.2f} | "
-            f"{r.flops_g:.4f} | {r.flops_g_table:.2f} | {r.status} |"
-        )
-    return "\n".join(lines) + "\n"
+    shown = df[list(MARKDOWN_COLUMNS)].assign(
+        row="`" + df["row"] + "`",
+        params_m=df["params_m"].map("{:.2f}".format),
+        params_m_table=df["params_m_table"].map("{:.2f}".format),
+        flops_g=df["flops_g"].map("{:.4f}".format),
+        flops_g_table=df["flops_g_table"].map("{:.2f}".format),
+    )
+    shown.columns = [header for header, _ in MARKDOWN_COLUMNS.values()]
+    return markdown.table(shown, [align for _, align in MARKDOWN_COLUMNS.values()]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnet_repro.complexity", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for complexity.md / .csv")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for complexity.md / .csv (of the cwd)")
     args = parser.parse_args(argv)
     df = complexity_table()
     print(to_markdown(df), end="")

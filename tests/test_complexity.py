@@ -9,8 +9,11 @@ from tests.conftest import run_cli
 
 
 def test_complexity_command_reproduces_the_table(tmp_path) -> None:
-    proc = run_cli(["--out", str(tmp_path)], cwd=tmp_path, module="resnet_repro.complexity")
+    """Run from another directory, it writes into that directory's results/ (not the package's tree)."""
+    proc = run_cli([], cwd=tmp_path, module="resnet_repro.complexity")
     assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    tmp_path = tmp_path / "results"
     assert "22 rows: 21 agree, 1 error(s) of the table, 0 mismatch(es)" in proc.stdout
     assert sum(line.startswith("| `") for line in proc.stdout.splitlines()) == 22
 
@@ -33,3 +36,7 @@ def test_complexity_command_reproduces_the_table(tmp_path) -> None:
     assert df.loc["resnet50_8xb8_cub"].flops_g == 16.4795
     text = (tmp_path / "complexity.md").read_text()
     assert "table error" in text and text.count("| `") == 22
+    assert (
+        "| :--- | ---: | ---: |" in text
+        and "| `resnet50_8xb32_in1k` | 224 | 25.56 | 25.56 | 4.1199 | 4.12 | ok |" in text
+    )

@@ -1,12 +1,33 @@
-"""Reading the MLflow store (the report's side): runs as plain data, metric histories, run pages."""
+"""Reading the MLflow store (the report's side), without ever writing to it.
+
+The report only reads, but MLflow does not: an MlflowClient opened on a missing or empty SQLite file, or on
+another program's SQLite database, writes MLflow's schema into it, and a wrong http(s) URI retries for
+minutes. `check_store` rejects those first, as a one-line UserError; `read_runs` then pages through an
+experiment's runs and returns plain data, so no MLflow type leaves this package.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from resnet_repro.tracking.run import Tracker
+from resnet_repro.errors import UserError
 from resnet_repro.tracking.uri import resolve_uri, retrying, sqlite_path
+
+# the URI schemes MLflow has tracking stores for (its registry, plus SQLAlchemy dialects like postgresql+psycopg2)
+SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+MLFLOW_TABLES = {"experiments", "runs", "metrics", "params", "tags"}
+PAGE = 1000  # runs per search request: the store's own page size, followed by page tokens to the end
+# the first request to a server: one try, a short wait (MLflow's defaults retry for minutes)
+PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # one bar per run's config file is noise
 
 
 def store_missing(uri: str | None) -> bool:
@@ -18,41 +39,153 @@ def store_missing(uri: str | None) -> bool:
     db = sqlite_path(uri)
     if db is not None:
         return not db.is_file()
+    folder = _folder(uri)
+    return folder is not None and not folder.exists()
+
+
+def _folder(uri: str) -> Path | None:
+    """The folder of a file store (`file:///x` or a plain path); None for other stores."""
     if uri.startswith("file:"):
-        return not Path(uri[len("file:") :].removeprefix("//")).exists()
-    if "://" not in uri:
-        return not Path(uri).exists()
-    return False
+        return Path(uri[len("file:") :].removeprefix("//"))
+    return Path(uri) if not urlparse(uri).scheme else None
 
 
-def read_runs(uri: str | None, experiment: str) -> list[dict[str, Any]]:
+def check_store(uri: str) -> None:
+    """Raise a one-line UserError unless `uri` names an existing MLflow store that answers."""
+    scheme = urlparse(uri).scheme.split("+")[0].lower()
+    if scheme not in SCHEMES:
+        raise UserError(
+            f"unsupported tracking URI {uri!r}: give sqlite:///path/to/mlflow.db, a folder (file:///path), "
+            "or http(s)://host:port"
+        )
+    if scheme == "sqlite":
+        _check_sqlite(uri)
+    elif (folder := _folder(uri)) is not None:
+        _check_folder(folder)
+    with _environ(PROBE_ENV):  # a server that does not answer is an error now, not after minutes of retries
+        _probe(uri)
+
+
+def _check_sqlite(uri: str) -> None:
+    db = sqlite_path(uri)
+    if db is None:
+        raise UserError(f"unsupported SQLite URI {uri!r}: write sqlite:///<path to mlflow.db>")
+    if not db.is_file():
+        raise UserError(f"no MLflow store at {db} (no such file)")
+    if db.stat().st_size == 0:
+        raise UserError(f"{db} is empty (0 bytes), not an MLflow store")
+    try:  # read-only: an MLflow client would create its tables in a database that lacks them
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
+            tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        raise UserError(f"{db} is not an SQLite database ({err})") from None
+    if not tables >= MLFLOW_TABLES:
+        raise UserError(f"{db} is not an MLflow store: an SQLite database without MLflow's tables (runs, metrics, ...)")
+
+
+def _check_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise UserError(f"no MLflow store at {folder} ({'not a folder' if folder.exists() else 'no such folder'})")
+    if not (folder / ".trash").is_dir() and not any(folder.glob("*/meta.yaml")):
+        raise UserError(f"{folder} is not an MLflow file store (no experiments' meta.yaml in it)")
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """MLflow's settings are environment variables, read at each call: set some for the calls inside."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _probe(uri: str) -> None:
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as err:  # MLflow raises many types here (connection, schema version, permissions)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read the MLflow store {uri}: {first}") from None
+
+
+def _client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database-migration chatter
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri)
+
+
+def read_runs(
+    uri: str | None, experiment: str, histories: Sequence[str] = (), artifact: str | None = None
+) -> list[dict[str, Any]]:
     """Every active run of the experiment as plain data; [] when the store or the experiment is missing.
 
-    Each run: run_id, experiment_id, status, start_time (ms since the epoch), tags, params, metrics
-    (the latest value of each metric, i.e. the one at the highest step).
+    Each run: run_id, run_name, experiment (name), experiment_id, status, start_time and end_time (ms since
+    the epoch), tags, params, metrics (the latest value of each metric, i.e. the one at the highest step),
+    history ({key: [(step, value), ...]} in step order, for the keys in `histories` the run has), and
+    artifact_text (the text of the artifact at the path `artifact`, None when the run has none).
     """
+    uri = resolve_uri(uri)
     if store_missing(uri):
         return []
-    tracker = Tracker(uri, experiment)
-    if retrying(tracker.client.get_experiment_by_name)(experiment) is None:
+    client = _client(uri)
+    exp = retrying(client.get_experiment_by_name)(experiment)
+    if exp is None:
         return []
-    return [
-        {
-            "run_id": run.info.run_id,
-            "experiment_id": run.info.experiment_id,
-            "status": run.info.status,
-            "start_time": run.info.start_time,
-            "tags": dict(run.data.tags),
-            "params": dict(run.data.params),
-            "metrics": dict(run.data.metrics),
-        }
-        for run in tracker.search()
-    ]
+    return [_plain(client, run, experiment, histories, artifact) for run in _search(client, exp.experiment_id)]
+
+
+def _search(client: Any, experiment_id: str) -> Iterator[Any]:
+    """All runs, page after page (one search returns at most PAGE)."""
+    token = None
+    while True:
+        page = retrying(client.search_runs)([experiment_id], max_results=PAGE, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _plain(client: Any, run: Any, experiment: str, histories: Sequence[str], artifact: str | None) -> dict[str, Any]:
+    run_id = run.info.run_id
+    return {
+        "run_id": run_id,
+        "run_name": run.info.run_name or "",
+        "experiment": experiment,
+        "experiment_id": run.info.experiment_id,
+        "status": run.info.status,
+        "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
+        "tags": dict(run.data.tags),
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "history": {key: _history(client, run_id, key) for key in histories if key in run.data.metrics},
+        "artifact_text": _artifact_text(client, run_id, artifact) if artifact else None,
+    }
+
+
+def _history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in retrying(client.get_metric_history)(run_id, key))
+
+
+def _artifact_text(client: Any, run_id: str, path: str) -> str | None:
+    with tempfile.TemporaryDirectory() as tmp, _environ(QUIET_ENV):
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+        except Exception:  # absent (evaluation runs, older trainers) or its artifact store is gone: no text
+            return None
+        return Path(local).read_text(encoding="utf-8")
 
 
 def metric_history(uri: str | None, run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) of one metric of one run, in step order."""
-    return sorted(Tracker(uri, "").history(run_id, key))
+    return _history(_client(resolve_uri(uri)), run_id, key)
 
 
 def run_page(uri: str | None, experiment_id: str, run_id: str) -> str | None:
