@@ -9,8 +9,6 @@ from datetime import datetime
 from resnet_repro import distributed
 from resnet_repro.config import ConfigError, compose, expand_sweep, user_overrides, validate
 
-MAX_CHECKED_JOBS = 256
-
 
 def prepare_argv(argv: list[str]) -> list[str]:
     """Raise ConfigError for any job that would fail to compose; return argv, adjusted for torchrun ranks."""
@@ -39,7 +37,7 @@ def prepare_argv(argv: list[str]) -> list[str]:
     overrides = user_overrides(args.overrides)
     jobs = expand_sweep(overrides) if args.multirun else [overrides]
     world = distributed.env_world_size() if distributed.under_torchrun() else None
-    for job in jobs[:MAX_CHECKED_JOBS]:
+    for job in jobs:
         validate(compose(job), world_size=world)
     if distributed.under_torchrun() and not args.cfg:
         if args.multirun:

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from resnet_repro import batches, distributed, schema
+from resnet_repro.batches import BatchPlan
+from resnet_repro.checkpoint import RESUME_MODES
 from resnet_repro.errors import UserError
 from resnet_repro.rows import Row, composition_name, get_row, match_row
+from resnet_repro.tracking.run import flat_params
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUP_DIRS = ("model", "stem", "dataset", "recipe", "precision", "row", "trainer", "tracking", "sweep")
@@ -35,9 +40,10 @@ class ConfigError(UserError):
 
 
 def register_resolvers() -> None:
-    """`${table_row:...}` names the composition (conf/config.yaml: row_name)."""
+    """`${table_row:...}` names the composition (conf/config.yaml: row_name); the trainer/tracking schemas."""
     if not OmegaConf.has_resolver("table_row"):
         OmegaConf.register_new_resolver("table_row", _table_row)
+    schema.register()
 
 
 def _table_row(depth: Any, stem: str, dataset: str, recipe: str, precision: str) -> str:
@@ -102,7 +108,23 @@ def _one_line(err: Exception, overrides: Sequence[str]) -> str:
     except Exception:
         node = None
     known = f"; {parent} has: {', '.join(map(str, node.keys()))}" if isinstance(node, DictConfig) else ""
-    return f"unknown key '{key}'{known}"
+    return f"unknown key '{key}'{known or _did_you_mean(key, rest)}"
+
+
+def _did_you_mean(key: str, overrides: Sequence[str]) -> str:
+    """`epochs=1` -> "; did you mean recipe.epochs?": keys of the config ending like the unknown one."""
+    import difflib
+
+    from hydra import compose as hydra_compose
+
+    try:
+        leaves = list(flatten(hydra_compose(config_name="config", overrides=list(overrides))))
+    except Exception:
+        return ""
+    last = key.rpartition(".")[2]
+    same = [k for k in leaves if k.rpartition(".")[2] == last]
+    close = same or difflib.get_close_matches(key, leaves, n=3, cutoff=0.75)
+    return f"; did you mean {' or '.join(close[:3])}?" if close else ""
 
 
 def compose_row(name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -153,17 +175,9 @@ def user_overrides(overrides: Sequence[str]) -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
 
 
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any) -> dict[str, Any]:
     """{"recipe.optimizer.lr": 0.1, ...}; lists stay whole (as JSON) so pipelines read as one value."""
-    if isinstance(node, DictConfig | dict):
-        container = node if isinstance(node, dict) else OmegaConf.to_container(node, resolve=True)
-        out: dict[str, Any] = {}
-        for key, value in container.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    if isinstance(node, ListConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    return {prefix[:-1]: json.dumps(node) if isinstance(node, list) else node}
+    return flat_params(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node)
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
@@ -172,6 +186,8 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     ident = {k: plain[k] for k in ("model", "stem", "recipe", "precision", "seed")}
     ident["dataset"] = {k: v for k, v in plain["dataset"].items() if k not in DATA_LOCATION_KEYS}
     ident["trainer"] = {k: plain["trainer"][k] for k in TRAINER_IDENTITY_KEYS}
+    if plain["trainer"]["warm_start"]:  # a new run from another run's weights is another experiment
+        ident["trainer"]["warm_start"] = str(plain["trainer"]["resume"])
     return ident
 
 
@@ -193,11 +209,13 @@ def table_row(cfg: DictConfig) -> Row | None:
     )
 
 
-def deviations(cfg: DictConfig) -> list[str]:
+def deviations(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     """How this run departs from its table row's exact recipe (`key=value`); [] = faithful.
 
     Empty only for a table row composed with nothing changed but where the data lies and how the
-    run executes. Custom compositions deviate by definition.
+    run executes. Custom compositions deviate by definition. BatchNorm over another number of images
+    than the recipe (a changed micro_batch, or a SyncBN recipe on fewer GPUs) is one deviation,
+    computed by the batch plan on `world_size` processes (default: trainer.nproc_per_node).
     """
     row = table_row(cfg)
     if row is None:
@@ -209,10 +227,16 @@ def deviations(cfg: DictConfig) -> list[str]:
         for k in sorted(set(reference) | set(actual))
         if k != "trainer.micro_batch" and reference.get(k) != actual.get(k)
     ]
-    micro = cfg.trainer.micro_batch
-    if micro is not None and int(micro) != int(cfg.recipe.batch_per_gpu):
-        diffs.append(f"trainer.micro_batch={micro} (BN statistics over {micro}, recipe: {cfg.recipe.batch_per_gpu})")
-    return diffs
+    bn = batch_plan(cfg, world_size).bn_deviation()
+    return diffs + ([bn] if bn else [])
+
+
+def batch_plan(cfg: DictConfig, world_size: int | None = None) -> BatchPlan:
+    world = world_size or int(cfg.trainer.nproc_per_node)
+    try:
+        return batches.plan(cfg, world, distributed.uses_cuda(str(cfg.trainer.device)))
+    except UserError as err:
+        raise ConfigError(str(err)) from None
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
@@ -220,47 +244,70 @@ def to_plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-CHOICES: dict[str, tuple[Any, ...]] = {
-    "trainer.device": ("auto", "cpu", "cuda"),
-    "trainer.channels_last": ("auto", True, False),
-    "precision.autocast_dtype": (None, "float16", "bfloat16"),
-    "recipe.optimizer.name": ("sgd", "lamb"),
-    "recipe.schedule.decay": ("step", "cosine"),
-    "recipe.schedule.cosine_span": ("after_warmup", "whole_run"),
-    "recipe.loss.name": ("softmax_ce", "bce"),
-    "recipe.model.drop_path_rule": ("linear", "uniform"),
-}
-
-
 def validate(cfg: DictConfig, world_size: int | None = None) -> None:
-    """Refuse compositions and values that make no sense, with one line naming the key and what is allowed."""
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value} is not allowed; allowed: {', '.join(map(str, allowed))}")
+    """Refuse compositions and values that make no sense, with one line naming the key and what is allowed.
+
+    Everything that can be known from the config is checked here, before any job of a sweep starts;
+    the data is checked when the job builds it, before the first step.
+    """
+    problem = schema.check_values(cfg)
+    if problem:
+        raise ConfigError(problem)
+    _check_composition(cfg)
+    _check_recipe_numbers(cfg)
+    batch_plan(cfg, world_size)
+    try:
+        distributed.check_device(str(cfg.trainer.device))
+    except UserError as err:
+        raise ConfigError(str(err)) from None
+    _check_resume(cfg)
+
+
+def _check_composition(cfg: DictConfig) -> None:
     ds, stem, recipe = cfg.dataset, cfg.stem, cfg.recipe
     if stem.name not in ds.stems:
         raise ConfigError(f"stem={stem.name} does not fit dataset={ds.name}; allowed stems: {', '.join(ds.stems)}")
     if ds.name not in recipe.datasets:
         fits = ", ".join(r for r in group_options("recipe") if ds.name in _recipe_datasets(r))
         raise ConfigError(f"recipe={recipe.name} is not for dataset={ds.name}; recipes for {ds.name}: {fits}")
-    scale = cfg.precision.loss_scale
-    if not (scale is None or scale == "dynamic" or (isinstance(scale, int | float) and scale > 0)):
-        raise ConfigError(f"precision.loss_scale={scale} is not allowed; allowed: null, dynamic, a positive number")
-    for key in ("recipe.epochs", "recipe.gpus", "recipe.batch_per_gpu", "trainer.nproc_per_node"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key}={value} must be a positive integer")
     for k in recipe.eval_topk:
         if k > ds.num_classes:
             raise ConfigError(f"recipe.eval_topk has {k} but dataset={ds.name} has {ds.num_classes} classes")
-    workers = cfg.trainer.num_workers
-    if workers != "auto" and not (isinstance(workers, int) and workers >= 0):
-        raise ConfigError(f"trainer.num_workers={workers} is not allowed; allowed: auto or a count >= 0")
-    _check_batches(cfg, world_size or int(cfg.trainer.nproc_per_node))
+
+
+def _check_recipe_numbers(cfg: DictConfig) -> None:
+    scale = cfg.precision.loss_scale
+    if not (scale is None or scale == "dynamic" or (_number(scale) and scale > 0)):
+        raise ConfigError(f"precision.loss_scale={scale} is not allowed; allowed: null, dynamic, a positive number")
+    for key in ("recipe.epochs", "recipe.gpus", "recipe.batch_per_gpu"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key}={value} must be a positive integer")
+    ranges = {  # key: (least, least allowed?, most, most allowed?)
+        "recipe.optimizer.lr": (0.0, False, math.inf, False),
+        "recipe.optimizer.weight_decay": (0.0, True, math.inf, False),
+        "recipe.optimizer.momentum": (0.0, True, 1.0, False),
+    }
+    for key, (low, low_ok, high, high_ok) in ranges.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None and key != "recipe.optimizer.lr":
+            continue
+        fits = _number(value) and (value > low or (low_ok and value == low)) and (value < high or high_ok)
+        if not fits:
+            bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+            raise ConfigError(f"{key}={value} is out of range; allowed: a number in {bounds}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_resume(cfg: DictConfig) -> None:
     resume = str(cfg.trainer.resume)
-    if resume not in ("auto", "none", "None") and not Path(resume).is_file():
+    if resume not in RESUME_MODES and not Path(resume).is_file():
         raise ConfigError(f"trainer.resume={resume} is not a file; allowed: auto, none, or a checkpoint path")
+    if cfg.trainer.warm_start and resume in RESUME_MODES:
+        raise ConfigError("trainer.warm_start=true needs trainer.resume=<checkpoint path> to start from")
 
 
 def _recipe_datasets(name: str) -> list[str]:
@@ -268,23 +315,3 @@ def _recipe_datasets(name: str) -> list[str]:
 
     with _hydra_context():
         return list(hydra_compose(config_name="config", overrides=[f"recipe={name}"]).recipe.datasets)
-
-
-def global_batch(cfg: DictConfig) -> int:
-    return int(cfg.recipe.gpus) * int(cfg.recipe.batch_per_gpu)
-
-
-def micro_batch(cfg: DictConfig) -> int:
-    return int(cfg.trainer.micro_batch or cfg.recipe.batch_per_gpu)
-
-
-def _check_batches(cfg: DictConfig, world_size: int) -> None:
-    total, micro = global_batch(cfg), micro_batch(cfg)
-    if total % world_size:
-        raise ConfigError(
-            f"the global batch {total} ({cfg.recipe.gpus}x{cfg.recipe.batch_per_gpu}) does not split "
-            f"over {world_size} processes; use a world size dividing {total}"
-        )
-    per_device = total // world_size
-    if per_device % micro:
-        raise ConfigError(f"trainer.micro_batch={micro} does not divide the per-device batch {per_device}")
