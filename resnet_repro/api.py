@@ -44,12 +44,6 @@ def default_classes(dataset: Mapping[str, Any]) -> list[str]:
     return list(known) if known and len(known) == n else [str(i) for i in range(n)]
 
 
-def _is_row(name: str) -> bool:
-    from resnet_repro.rows import all_rows
-
-    return any(row.name == name for row in all_rows())
-
-
 def _build(cfg: Mapping[str, Any], row_name: str, classes: list[str] | None) -> ResNet:
     """The config's model, with what inference needs attached."""
     from resnet_repro.models import build_model_from_cfg
@@ -67,28 +61,32 @@ def _attach_classes(model: ResNet, classes: list[str] | None) -> ResNet:
     return model
 
 
-def get_model(row_or_checkpoint: str | os.PathLike, pretrained: bool | str | os.PathLike = False) -> ResNet:
+def get_model(
+    row_or_checkpoint: str | os.PathLike, pretrained: bool | str | os.PathLike = False, *, trusted: bool = False
+) -> ResNet:
     """A table row's model, or the model of one of our checkpoints (built from the config it stores).
 
     pretrained: False (mmpretrain's initialisation), True (the row's published checkpoint, from
     reference.csv, through torch.hub's cache), or a path / URL of a checkpoint (ours or mmpretrain's).
+    trusted: unpickle files that hold more than tensors and plain data (may run code: trusted files only).
     """
     from resnet_repro.config import compose_row, to_plain
     from resnet_repro.convert import apply_checkpoint, load_checkpoint, read_checkpoint
-    from resnet_repro.rows import all_rows, get_row
+    from resnet_repro.rows import all_rows, find_row
 
     name = os.fspath(row_or_checkpoint)
-    if _is_row(name):
+    row = find_row(name)
+    if row is not None:
         model = _build(to_plain(compose_row(name)), name, None)
-        source = get_row(name).checkpoint_url if pretrained is True else pretrained
-        loaded = load_checkpoint(model, source) if source else None
+        source = row.checkpoint_url if pretrained is True else pretrained
+        loaded = load_checkpoint(model, source, trusted=trusted) if source else None
         return _attach_classes(model, loaded.classes if loaded else None)
     if "://" not in name and not Path(name).is_file():
         rows = ", ".join(r.name for r in all_rows())
         raise UserError(f"{name!r} is neither a table row nor a checkpoint file; rows: {rows}")
     if pretrained not in (False, None):
         raise UserError("pretrained= only applies to a row name; a checkpoint already holds its weights")
-    obj = read_checkpoint(name)
+    obj = read_checkpoint(name, trusted)
     if not (isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping)):
         raise UserError(
             f"{name} holds no resnet_repro config, so its architecture is unknown; "
@@ -103,8 +101,10 @@ def _model_of(row_or_model: str | os.PathLike | nn.Module) -> nn.Module:
         if not isinstance(getattr(row_or_model, "cfg", None), Mapping):
             raise UserError("this model carries no config (model.cfg); build it with resnet_repro.get_model")
         return row_or_model
+    from resnet_repro.rows import find_row
+
     name = os.fspath(row_or_model)
-    return get_model(name, pretrained=True) if _is_row(name) else get_model(name)
+    return get_model(name, pretrained=True) if find_row(name) else get_model(name)
 
 
 def _as_array(image: ImageLike) -> np.ndarray:
@@ -133,13 +133,19 @@ def inference_model(row_or_model: str | os.PathLike | nn.Module, image: ImageLik
     from `get_model`. Returns pred_label (int), pred_score (softmax probability), pred_class (name)
     and pred_scores (every class's probability, a numpy array).
     """
+    from resnet_repro.data.preprocess import Preprocessor
     from resnet_repro.data.transforms import build_pipeline
-    from resnet_repro.engine import Preprocessor
 
     model = _model_of(row_or_model)
     cfg = model.cfg
     device = next(model.parameters()).device
     images = build_pipeline(cfg["recipe"]["test_pipeline"])(_as_array(image))[None]
+    size = int(cfg["dataset"]["input_size"])
+    if tuple(images.shape[-2:]) != (size, size):  # CIFAR rows have no resize in their test transform
+        raise UserError(
+            f"{model.row_name} expects {size}x{size} images (its test transform gives "
+            f"{images.shape[-1]}x{images.shape[-2]}); resize the image to {size}x{size} first"
+        )
     x = Preprocessor(list(cfg["dataset"]["mean"]), list(cfg["dataset"]["std"]), device, False)(images.to(device))
     was_training = model.training
     model.eval()

@@ -1,16 +1,29 @@
-"""Checkpoints: written atomically, so a crash at any moment leaves the previous one intact.
+"""Checkpoints and the folder of one config: safe loading, atomic writes, ownership, resume policy.
 
-Layout: <trainer.checkpoint_root>/<row>/<config hash>/{last.pt, best.pt}. `last.pt` holds everything a
-resume needs (model, optimizer, scaler, epoch, RNG states, MLflow run id); `best.pt` the model of the
-best validation top-1 with the config that built it (what `get_model` / `resnet_repro.test` load).
+Layout: <trainer.checkpoint_root>/<row>/seed<seed>-<config hash>/ holding
+- `last.pt`: everything a resume needs (model, optimizer, scaler, epoch, RNG states, metrics history, best);
+- `best.pt`: the model of the best validation top-1 with the config that built it (what `get_model` and
+  `resnet_repro.test` load);
+- `run.json`: the MLflow run of this config, written when the run starts (a kill before the first
+  checkpoint resumes into the same run);
+- `.lock`: held (flock) by the one process training this config; the OS releases it when that process dies.
+
+Loading never runs code from the file: `torch.load(weights_only=True)` with NumPy's plain arrays and
+scalars allowed (old mmcv checkpoints keep some in their metadata). A file that needs anything else is
+refused in one line naming it; `trusted=True` (`trainer.trust_checkpoint=true`) unpickles it anyway.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import random
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +31,46 @@ import numpy as np
 import torch
 
 from resnet_repro.errors import UserError
+
+RESUME_MODES = ("auto", "none", "None")
+
+
+# ---- reading and writing files ------------------------------------------------------------------
+def _numpy_globals() -> list[Any]:
+    """NumPy's array and scalar reconstructors, under the names NumPy 1 and 2 pickle them with."""
+    from numpy.core import multiarray  # numpy 2 keeps this alias of numpy._core.multiarray
+
+    allowed: list[Any] = [np.ndarray, np.dtype, *{type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"}]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(multiarray.scalar, f"{module}.scalar"), (multiarray._reconstruct, f"{module}._reconstruct")]
+    return allowed
+
+
+def load(path: str | Path, *, mmap: bool = False, trusted: bool = False) -> Any:
+    """A checkpoint on the CPU without running code from it; `mmap=True` maps tensors lazily."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
+    except Exception as err:  # a file that wants code run, a truncated file, not a torch file at all
+        if "Weights only load failed" in str(err):
+            raise UserError(
+                f"{path} needs {_unsafe_types(path)} to load, and unpickling it could run code; refused. "
+                f"Load it only if you trust the file: trainer.trust_checkpoint=true (API: trusted=True)"
+            ) from None
+        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def _unsafe_types(path: Path) -> str:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        names = []
+    allowed = {name for item in _numpy_globals() if isinstance(item, tuple) for name in item[1:]}
+    names = [n for n in names if n not in allowed and not n.startswith("numpy.")]
+    return ", ".join(names[:3]) or "types other than tensors and plain data"
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -35,31 +88,24 @@ def save_atomic(obj: Any, path: Path) -> None:
         raise
 
 
-def load(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """A checkpoint on the CPU; `mmap=True` maps tensors lazily (cheap when only metadata is read)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}") from None
-    except Exception as err:  # truncated or not a torch file
-        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+def write_json_atomic(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def run_dir(root: str | Path, row_name: str, config_hash: str) -> Path:
-    return Path(root) / row_name.replace(":", "_").replace("/", "_") / config_hash
-
-
-def archive(folder: Path) -> Path | None:
-    """Move an earlier run's checkpoints aside (never delete them) before a fresh start in `folder`."""
-    if not folder.is_dir() or not any(folder.iterdir()):
-        return None
-    target = folder.with_name(f"{folder.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-    folder.rename(target)
-    return target
-
-
+# ---- RNG states in types weights_only accepts ------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)},
+        "numpy_gauss": (int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -67,7 +113,167 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], *state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- the folder of one config ---------------------------------------------------------------------
+def run_dir(root: str | Path, row_name: str, seed: int, config_hash: str) -> Path:
+    return Path(root) / row_name.replace(":", "_").replace("/", "_") / f"seed{seed}-{config_hash}"
+
+
+@dataclass
+class Resume:
+    """What the folder says to do: start fresh, continue `path` (epoch < total), or only finish the books."""
+
+    action: str  # "fresh" | "continue" | "finish"
+    path: Path | None = None
+    run_id: str | None = None
+
+
+class RunFolder:
+    """The checkpoint folder of one config, owned by the process that holds its lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock: Any = None
+
+    last = property(lambda self: self.path / "last.pt")
+    best = property(lambda self: self.path / "best.pt")
+    record = property(lambda self: self.path / "run.json")
+
+    def acquire(self) -> None:
+        """Own the folder or stop at once (one line naming the owner); proves it is writable too."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / ".lock", "a+")  # noqa: SIM115 - held open for the life of the run
+        except OSError as err:
+            raise UserError(
+                f"cannot write checkpoints to {self.path} ({err.strerror}); set trainer.checkpoint_root"
+            ) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"{self.path} is already being trained by {owner}; wait for it or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        handle.flush()
+        self._lock = handle
+        self._remove_stale_temporaries()
+
+    def release(self) -> None:
+        """Drop the lock; a folder that got nothing else (a run that failed before its start) is removed."""
+        if self._lock is None:
+            return
+        if not any(p.name != ".lock" for p in self.path.iterdir()):
+            (self.path / ".lock").unlink(missing_ok=True)
+            for folder in (self.path, self.path.parent):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        self._lock.close()  # closing drops the flock
+        self._lock = None
+
+    def _remove_stale_temporaries(self) -> None:
+        """Writes killed half-way leave `.<name>.*.tmp`; nobody else writes here while we hold the lock."""
+        for tmp in self.path.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def read_run_id(self) -> str | None:
+        try:
+            return json.loads(self.record.read_text()).get("mlflow_run_id")
+        except (OSError, ValueError):
+            return None
+
+    def write_run_id(self, run_id: str, uri: str) -> None:
+        write_json_atomic({"mlflow_run_id": run_id, "tracking_uri": uri}, self.record)
+
+    def repair_best(self, trusted: bool = False) -> None:
+        """A kill between writing last.pt and best.pt leaves best.pt behind last.pt's best: derive it."""
+        if not self.last.is_file():
+            return
+        last = load(self.last, mmap=True, trusted=trusted)
+        if last.get("best_epoch") != last.get("epoch") or not last.get("write_best", True):
+            return
+        if self.best.is_file() and load(self.best, mmap=True, trusted=trusted).get("epoch") == last["epoch"]:
+            return
+        save_atomic(best_from_last(last), self.best)
+
+    def archive_and_start_fresh(self, keep: int) -> Path | None:
+        """Move an earlier run's files aside (keeping the `keep` newest archives), leaving the folder empty."""
+        files = [p for p in self.path.iterdir() if p.name != ".lock"]
+        if not files:
+            return None
+        target = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        target.mkdir()
+        for p in files:
+            p.rename(target / p.name)
+        archives = sorted(self.path.parent.glob(f"{self.path.name}.*"), key=lambda p: p.name)
+        for old in archives[: max(0, len(archives) - keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target if target.exists() else None
+
+    def resume_or_archive(
+        self,
+        mode: str,
+        *,
+        epochs: int,
+        config_hash: str,
+        fingerprint: str | None,
+        finished: Any,
+        keep: int,
+        trusted: bool,
+    ) -> Resume:
+        """Which checkpoint this run continues; what would not be continued is archived (the side effect).
+
+        mode: trainer.resume. `finished(run_id)` says whether an MLflow run is FINISHED (never written again).
+        auto: continue last.pt when it is this config's, on the same data, and not complete; a complete
+        last.pt whose run was not closed only finishes the books; anything else starts fresh, keeping
+        the MLflow run of run.json when the process that opened it died before the first checkpoint.
+        """
+        if mode not in RESUME_MODES:
+            return self._explicit(Path(mode), config_hash, trusted)
+        run_id = self.read_run_id()
+        if mode == "auto" and self.last.is_file():
+            epoch, owner, data = read_epoch(self.last, trusted)
+            run_id = run_id or load(self.last, mmap=True, trusted=trusted).get("mlflow_run_id")
+            open_run = run_id is not None and not finished(run_id)
+            if owner == config_hash and data == fingerprint and (epoch < epochs or open_run):
+                return Resume("continue" if epoch < epochs else "finish", self.last, run_id)
+        elif mode == "auto" and run_id is not None and not finished(run_id):
+            return Resume("fresh", None, run_id)  # killed before its first checkpoint: same MLflow run
+        self.archive_and_start_fresh(keep)
+        return Resume("fresh")
+
+    def _explicit(self, path: Path, config_hash: str, trusted: bool) -> Resume:
+        check_resumable(path, config_hash, trusted)
+        return Resume("continue", path, load(path, mmap=True, trusted=trusted).get("mlflow_run_id"))
+
+
+def check_resumable(path: Path, config_hash: str, trusted: bool) -> None:
+    """`trainer.resume=<path>` names a last.pt of this very config (a UserError otherwise)."""
+    _, owner, _ = read_epoch(path, trusted)
+    if owner != config_hash:
+        raise UserError(
+            f"{path} was written by another config ({owner}, this one is {config_hash}); resume only "
+            f"this config's last.pt, or start a new run from its weights with trainer.warm_start=true"
+        )
+
+
+def best_from_last(last: dict[str, Any]) -> dict[str, Any]:
+    keep = ("model", "config", "config_hash", "row_name", "classes", "mlflow_run_id", "epoch")
+    return {**{k: last[k] for k in keep if k in last}, "val": last.get("best_val", {})}
+
+
+def read_epoch(path: Path, trusted: bool = False) -> tuple[int, str | None, str | None]:
+    """(epoch, config hash, data fingerprint) of a last.pt, reading only its small entries."""
+    state = load(path, mmap=True, trusted=trusted)
+    if "optimizer" not in state or "epoch" not in state:
+        raise UserError(f"{path} is not a last.pt (it holds no optimizer state: a best.pt?); resume from last.pt")
+    return int(state["epoch"]), state.get("config_hash"), state.get("data_fingerprint")

@@ -171,8 +171,14 @@ def is_url(source: str | os.PathLike) -> bool:
     return "://" in str(source)
 
 
-def cached_download(url: str) -> Path:
-    """`url` in torch.hub's checkpoint cache (`<hub dir>/checkpoints/<file name>`), downloaded once."""
+def cached_download(url: str, check_hash: bool = False) -> Path:
+    """`url` in torch.hub's checkpoint cache (`<hub dir>/checkpoints/<file name>`), downloaded once.
+
+    check_hash: the name's `-<hex>.` suffix is the start of the file's sha256 (mmcv's publish_model and
+    torchvision name checkpoints so); a download that does not match it is refused. (torch.hub's
+    load_state_dict_from_url does this too, but it also unpickles: loading stays checkpoint.load's, so
+    every file goes through the same weights_only rule and one-line errors.)
+    """
     name = os.path.basename(urlparse(url).path)
     if not name:
         raise UserError(f"{url} does not name a file; give the URL of a checkpoint file")
@@ -180,9 +186,13 @@ def cached_download(url: str) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    match = torch.hub.HASH_REGEX.search(name) if check_hash else None
     try:  # writes a .partial file and renames it, so a failed download leaves no cached file
-        torch.hub.download_url_to_file(url, str(target), progress=sys.stderr.isatty())
-    except (OSError, ValueError) as err:  # URLError/HTTPError are OSErrors; ValueError: a malformed URL
+        torch.hub.download_url_to_file(
+            url, str(target), hash_prefix=match.group(1) if match else None, progress=sys.stderr.isatty()
+        )
+    except (OSError, ValueError, RuntimeError) as err:  # URLError/HTTPError: OSErrors; ValueError: a malformed
+        # URL; RuntimeError: torch.hub's hash check
         reason = str(getattr(err, "reason", err)).replace("\n", " ")
         raise UserError(
             f"could not download {url} ({reason}); fetch it where there is network and pass the local file "
@@ -191,10 +201,10 @@ def cached_download(url: str) -> Path:
     return target
 
 
-def read_checkpoint(source: str | os.PathLike) -> Any:
-    """The unpickled object at a local path or URL (URLs through torch.hub's cache)."""
-    path = cached_download(str(source)) if is_url(source) else Path(source)
-    return checkpoint.load(path)
+def read_checkpoint(source: str | os.PathLike, trusted: bool = False) -> Any:
+    """The object at a local path or URL (URLs through torch.hub's cache), loaded without running code."""
+    path = cached_download(str(source), check_hash=True) if is_url(source) else Path(source)
+    return checkpoint.load(path, trusted=trusted)
 
 
 def split_checkpoint(obj: Any, source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Loaded]:
@@ -241,13 +251,17 @@ def apply_checkpoint(model: nn.Module, obj: Any, source: str | os.PathLike, *, b
     return loaded
 
 
-def load_checkpoint(model: nn.Module, source: str | os.PathLike, *, backbone_only: bool = False) -> Loaded:
+def load_checkpoint(
+    model: nn.Module, source: str | os.PathLike, *, backbone_only: bool = False, trusted: bool = False
+) -> Loaded:
     """Load `source` (path or URL; ours, mmpretrain's or a plain state dict) into `model`, strictly."""
-    return apply_checkpoint(model, read_checkpoint(source), source, backbone_only=backbone_only)
+    return apply_checkpoint(model, read_checkpoint(source, trusted), source, backbone_only=backbone_only)
 
 
-def load_pretrained(model: nn.Module, source: str | os.PathLike, prefix: str | None = None) -> Loaded:
+def load_pretrained(
+    model: nn.Module, source: str | os.PathLike, prefix: str | None = None, trusted: bool = False
+) -> Loaded:
     """Initialise `model` from a checkpoint (the recipe's `init:`); prefix "backbone." loads all but the head."""
     if prefix not in (None, "", "backbone."):
         raise UserError(f"recipe.init.prefix={prefix} is not supported; allowed: null, backbone.")
-    return load_checkpoint(model, source, backbone_only=prefix == "backbone.")
+    return load_checkpoint(model, source, backbone_only=prefix == "backbone.", trusted=trusted)

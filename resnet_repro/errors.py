@@ -7,7 +7,12 @@ from typing import NoReturn
 
 
 class UserError(Exception):
-    """Bad input (config, data, checkpoint): one line on stderr and exit status 2, never a traceback."""
+    """Bad input (config, data, checkpoint): one line on stderr and exit status 2, never a traceback.
+
+    `before_start` marks errors found before a run started (nothing of it exists yet to keep).
+    """
+
+    before_start = False
 
 
 def one_line(err: BaseException) -> str:

@@ -75,11 +75,21 @@ def all_rows() -> tuple[Row, ...]:
     return tuple(_parse(rec) for rec in csv.DictReader(text.splitlines()))
 
 
+@cache
+def rows_by_name() -> dict[str, Row]:
+    return {row.name: row for row in all_rows()}
+
+
+def find_row(name: str) -> Row | None:
+    """The row of that name, or None."""
+    return rows_by_name().get(name)
+
+
 def get_row(name: str) -> Row:
-    for row in all_rows():
-        if row.name == name:
-            return row
-    raise KeyError(f"unknown row {name!r}; rows: {', '.join(r.name for r in all_rows())}")
+    row = find_row(name)
+    if row is None:
+        raise KeyError(f"unknown row {name!r}; rows: {', '.join(r.name for r in all_rows())}")
+    return row
 
 
 def match_row(choices: dict[str, str]) -> Row | None:

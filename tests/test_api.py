@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import urllib.error
 from pathlib import Path
 
@@ -53,9 +54,10 @@ def save_ours(model: torch.nn.Module, path: Path, classes: list[str] | None = No
 @pytest.fixture
 def mm_checkpoint(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     source = randomise(get_model(ROW))
-    path = tmp_path / "resnet18_b16x8_cifar10_20210528-bd6371c8.pth"
+    path = tmp_path / "resnet18_b16x8_cifar10_20210528.pth"
     torch.save({"state_dict": mmpretrain_state_dict(source, 18, "cifar"), "meta": {"CLASSES": CIFAR10}}, path)
-    return path, source
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()  # named as mmcv's publish_model names its files
+    return path.rename(path.with_name(f"{path.stem}-{sha[:8]}.pth")), source
 
 
 def test_get_model_builds_the_row() -> None:
@@ -78,6 +80,17 @@ def test_get_model_pretrained_file_url(mm_checkpoint: tuple[Path, torch.nn.Modul
     model = get_model(ROW, pretrained=path.as_uri())
     assert same_weights(model, source)
     assert (hub_dir / "checkpoints" / path.name).is_file()  # fetched once into torch.hub's cache
+
+
+def test_a_download_that_does_not_match_its_hash_is_refused(
+    mm_checkpoint: tuple[Path, torch.nn.Module], hub_dir: Path
+) -> None:
+    path, _ = mm_checkpoint
+    wrong = path.with_name("resnet18_b16x8_cifar10_20210528-bd6371c8.pth")  # the published name, other bytes
+    path.rename(wrong)
+    with pytest.raises(UserError, match="invalid hash value"):
+        get_model(ROW, pretrained=wrong.as_uri())
+    assert not list((hub_dir / "checkpoints").glob("*"))
 
 
 def test_pretrained_true_offline_is_one_clear_line(hub_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

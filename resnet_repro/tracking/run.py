@@ -6,22 +6,45 @@ Parallel jobs share one SQLite file; every call retries while SQLite reports the
 
 What a training run records (the report reads these names):
 - tags: row, section, config_hash, faithful ("true"/"false"), deviations, run_type ("train"/"eval"),
-  sweep, git_commit, hydra_overrides, world_size, device, versions (torch, torchvision, timm, python)
-- params: the flattened composed config (recipe.epochs, ...) plus batch_global, batch_per_device,
-  batch_micro, accum_steps
+  sweep, git_commit, hydra_overrides, world_size, device, device_name, data_verified, data_fingerprint,
+  data_on_device, val_limited, output_dir, checkpoint_dir, pid/host (who writes it), versions
+- params: the flattened composed config (recipe.epochs, ...) plus the batch plan (batch_global,
+  batch_per_device, batch_forward, batch_micro, bn_group, accum_steps), num_train, num_val
 - metrics per epoch (step = epoch, 1-based): train_loss, lr, val_top1, val_top5 (percent),
-  epoch_time_s, train_img_per_s; once: params, flops_g; at the end: best_val_top1, epochs_completed
-- artifacts: config/config.yaml (resolved), config/overrides.yaml
+  epoch_time_s, train_img_per_s; every log interval (step = optimizer step): step/train_loss, step/lr;
+  once: params, flops_g; at the end: best_val_top1, epochs_completed
+- artifacts: config/config.yaml (resolved), config/overrides.yaml, the job's log, best.pt on request
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import platform
+import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
+from resnet_repro.errors import UserError
 from resnet_repro.tracking.uri import resolve_uri, retrying, sqlite_path
+
+FINISHED = "FINISHED"
+PROBE_TIMEOUT_S = 5
+
+
+@contextlib.contextmanager
+def _fail_fast() -> Iterator[None]:
+    """A server that does not answer is an error within seconds, not after MLflow's minutes of retries."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(PROBE_TIMEOUT_S))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 class Tracker:
@@ -32,6 +55,11 @@ class Tracker:
         self.run_id: str | None = None
         self._client: Any = None
         self._experiment_id: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """This process writes a started run (rank 0, after start)."""
+        return self.enabled and self.run_id is not None
 
     @property
     def client(self) -> Any:
@@ -53,14 +81,23 @@ class Tracker:
             self._client = client
         return self._client
 
+    def probe(self) -> None:
+        """Check the store answers (a few seconds at most); a UserError naming tracking.uri otherwise."""
+        try:
+            with _fail_fast():
+                self.client.search_experiments(max_results=1)
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"tracking.uri={self.uri} does not answer as an MLflow store ({first[:200]}); allowed: "
+                f"sqlite:///<file>, file:<folder>, http(s)://<server>:<port>"
+            ) from None
+
     @retrying
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             exp = self.client.get_experiment_by_name(self.experiment)
-            if exp is not None:
-                self._experiment_id = exp.experiment_id
-            else:
-                self._experiment_id = self._create_experiment()
+            self._experiment_id = exp.experiment_id if exp is not None else self._create_experiment()
         return self._experiment_id
 
     def _create_experiment(self) -> str:
@@ -78,23 +115,49 @@ class Tracker:
     def search(self, filter_string: str = "", max_results: int = 5000) -> list[Any]:
         return list(self.client.search_runs([self.experiment_id()], filter_string, max_results=max_results))
 
-    def find_finished(self, config_hash: str) -> str | None:
-        """The id of a finished training run of the same config, if any."""
-        runs = self.search(
-            f"tags.config_hash = '{config_hash}' and tags.run_type = 'train' and attributes.status = 'FINISHED'"
-        )
+    def find_finished(self, config_hash: str, fingerprint: str | None = None) -> str | None:
+        """The id of a finished training run of the same config (on the same data, when given), if any."""
+        query = f"tags.config_hash = '{config_hash}' and tags.run_type = 'train' and attributes.status = '{FINISHED}'"
+        if fingerprint is not None:
+            query += f" and tags.data_fingerprint = '{fingerprint}'"
+        runs = self.search(query)
         return runs[0].info.run_id if runs else None
 
     @retrying
+    def status(self, run_id: str) -> str | None:
+        """The run's status, None when this store has no such run."""
+        try:
+            return self.client.get_run(run_id).info.status
+        except Exception as err:
+            if "RESOURCE_DOES_NOT_EXIST" in str(err) or "not found" in str(err).lower():
+                return None
+            raise
+
+    def close_dead_runs(self, config_hash: str, keep: str | None) -> list[str]:
+        """Runs of this config left RUNNING by a process of this host that no longer lives: KILLED."""
+        host, closed = platform.node(), []
+        for run in self.search(f"tags.config_hash = '{config_hash}' and attributes.status = 'RUNNING'"):
+            tags = run.data.tags
+            if run.info.run_id == keep or tags.get("host") != host or _alive(tags.get("pid", "")):
+                continue
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+        return closed
+
+    @retrying
     def start(self, run_name: str, tags: Mapping[str, Any], run_id: str | None = None) -> str | None:
-        """Open a new run, or continue `run_id` (a resumed job); returns the run id."""
+        """Open a new run, or continue `run_id` (a resumed job) unless it FINISHED; returns the run id."""
         if not self.enabled:
             return None
+        owner = {"pid": os.getpid(), "host": platform.node()}
         if run_id is not None:
+            if self.status(run_id) == FINISHED:
+                raise UserError(f"MLflow run {run_id} is FINISHED and is never written again; use trainer.resume=none")
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
+            self.set_tags(owner)
         else:
-            tags = {k: str(v) for k, v in tags.items()}
+            tags = {k: str(v) for k, v in {**tags, **owner}.items()}
             self.run_id = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
         return self.run_id
 
@@ -102,16 +165,14 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        if self.enabled:
-            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-            for i in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, params=items[i : i + 100])
+        if self.active:  # MLflow splits the batch into its own size limits
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
     @retrying
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        if self.enabled:
+        if self.active:
             now = int(time.time() * 1000)
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
@@ -119,19 +180,88 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        if self.enabled:
+        if self.active:
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     @retrying
     def log_text(self, text: str, artifact_file: str) -> None:
-        if self.enabled:
+        if self.active:
             self.client.log_text(self.run_id, text, artifact_file)
 
     @retrying
-    def finish(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.run_id is not None:
+    def log_file(self, path: Path, folder: str) -> None:
+        if self.active and path.is_file():
+            self.client.log_artifact(self.run_id, str(path), folder)
+
+    @retrying
+    def finish(self, status: str = FINISHED) -> None:
+        if self.active:
             self.client.set_terminated(self.run_id, status=status)
 
     @retrying
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+    def backfill(self, history: Mapping[int, Mapping[str, float]]) -> None:
+        """Log the epochs a checkpoint holds that the run lacks (a kill between checkpoint and MLflow)."""
+        if not self.active:
+            return
+        logged = {step for step, _ in self.history(self.run_id, "val_top1")}
+        for epoch, metrics in sorted(history.items()):
+            if epoch not in logged:
+                self.log_metrics(metrics, step=epoch)
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return True  # unknown owner: leave it alone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- provenance: what every run (training or evaluation) records about where it came from ------------
+def versions() -> dict[str, str]:
+    import timm
+    import torch
+    import torchvision
+
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def git_commit() -> str:
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else "unknown"
+
+
+def flat_params(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"recipe.optimizer.lr": 0.1, ...} of a nested mapping; lists stay whole (as JSON) so pipelines read as one."""
+    import json
+
+    if isinstance(node, Mapping):
+        return {k: v for key, value in node.items() for k, v in flat_params(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: json.dumps(node) if isinstance(node, list) else node}
+
+
+def provenance_tags(**tags: Any) -> dict[str, Any]:
+    """The given tags plus the git commit and library versions."""
+    return {**tags, "git_commit": git_commit(), **{f"version.{k}": v for k, v in versions().items()}}
