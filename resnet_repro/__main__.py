@@ -1,13 +1,14 @@
 """`python -m resnet_repro [group=option ...] [key=value ...]`: compose, check, train one row.
 
 The command line is checked before Hydra starts (one-line errors, every job of a sweep included);
-Hydra then composes conf/ and calls `train.run_job` once per job. Under torchrun every rank runs
-this same entry, and all ranks share rank 0's output directory.
+Hydra then composes conf/ and calls `train.run_and_summarise` once per job. Under torchrun every rank
+runs this same entry, and all ranks share rank 0's output directory.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -17,13 +18,12 @@ from resnet_repro.errors import UserError, exit_with
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    from resnet_repro.train import run_job
+def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
+    from hydra.core.hydra_config import HydraConfig
 
-    try:
-        return run_job(cfg)
-    except UserError as err:
-        exit_with(err)
+    from resnet_repro.train import run_and_summarise
+
+    return run_and_summarise(cfg, multirun=str(HydraConfig.get().mode) == "RunMode.MULTIRUN")
 
 
 def main(argv: list[str] | None = None) -> None:

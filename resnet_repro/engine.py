@@ -1,10 +1,9 @@
 """The training loop of one process (rank): epochs of train steps, exact evaluation, checkpoints, MLflow.
 
-The engine reads a plain, resolved config (a dict) and a `RunInfo`; it knows nothing of Hydra.
-Global-batch semantics: the recipe's `gpus x batch_per_gpu` images make one optimizer step whatever
-the world size; each device takes global / world images per step, in forward passes of
-`trainer.micro_batch` (default: the recipe's per-GPU batch, so BatchNorm sees the batch size the
-recipe trained with), accumulating gradients in between.
+The engine reads a plain, resolved config (a dict) and a `RunInfo`; it knows nothing of Hydra. How a
+step of the recipe's global batch is cut over processes, forward passes and BatchNorm groups is the
+batch plan's (batches.py); BatchNorm groups in one pass are bn_groups.py's; the checkpoint folder's
+ownership and resume policy are checkpoint.py's; what a run records is tracking's.
 """
 
 from __future__ import annotations
@@ -12,26 +11,33 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
+import random
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics.classification import MulticlassAccuracy
-from tqdm import tqdm
 
-from resnet_repro import checkpoint, distributed
-from resnet_repro.data import DataBundle, build_data, resolve_workers
+from resnet_repro import batches, checkpoint, distributed
+from resnet_repro.bn_groups import convert_bn_groups, set_update_stats
+from resnet_repro.data import build_data, on_device, resolve_workers
+from resnet_repro.data.preprocess import Preprocessor
 from resnet_repro.errors import UserError
+from resnet_repro.evaluation import topk_accuracy
+from resnet_repro.faults import crash_point
 from resnet_repro.losses import build_loss
+from resnet_repro.mixing import build_mixer
 from resnet_repro.models import build_model_from_cfg, count_flops, count_params
 from resnet_repro.optim import build_optimizer, learning_rate, set_lr
+from resnet_repro.progress import Progress, fmt_time
 from resnet_repro.tracking import Tracker, ui_command
+from resnet_repro.tracking.run import flat_params, provenance_tags
 
 log = logging.getLogger("resnet_repro")
 
@@ -42,40 +48,22 @@ class RunInfo:
 
     row_name: str
     config_hash: str
+    run_name: str = ""
     deviations: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
     output_dir: str = "."
+    log_file: str = ""
     sweep: str = ""
     config_yaml: str = ""
     section: str = ""
+    data_fingerprint: str | None = None
 
 
-class Preprocessor:
-    """uint8 N x 3 x H x W on the device -> normalised float (mmpretrain's data preprocessor)."""
-
-    def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool) -> None:
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std
-        return x.contiguous(memory_format=self.memory_format)
-
-
-def select_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("trainer.device=cuda but no CUDA device is visible; allowed here: cpu, auto")
-        return torch.device("cuda", distributed.local_rank() % torch.cuda.device_count())
-    return torch.device("cpu")
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite: the run stops (FAILED), writing no checkpoint of it."""
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -90,140 +78,73 @@ def make_scaler(precision: Mapping[str, Any], device: torch.device) -> torch.amp
     scale = precision["loss_scale"]
     if scale is None:
         return None
-    if scale == "dynamic":
-        return torch.amp.GradScaler(device.type)
-    return torch.amp.GradScaler(device.type, init_scale=float(scale), growth_interval=2**31 - 1)
-
-
-def _versions() -> dict[str, str]:
-    import timm
-    import torchvision
-
-    return {
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _git_commit() -> str:
-    import subprocess
-
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-@torch.no_grad()
-def topk_accuracy(
-    model: nn.Module, batches: Iterable[Any], preprocess: Preprocessor, device: torch.device, num_classes: int
-) -> dict[str, float]:
-    """{"top1": %, "top5": %} over every (uint8 images, labels) batch; torchmetrics sums the counts over ranks."""
-    ks = sorted({1, min(5, num_classes)})
-    metrics = {k: MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device) for k in ks}
-    model.eval()
-    for images, labels in batches:
-        logits = model(preprocess(images.to(device, non_blocking=True)))
-        for metric in metrics.values():
-            metric.update(logits, labels.to(device, non_blocking=True))
-    return {f"top{k}": 100.0 * float(metric.compute()) for k, metric in metrics.items()}
+    growth = {} if scale == "dynamic" else {"init_scale": float(scale), "growth_interval": 2**31 - 1}
+    return torch.amp.GradScaler(device.type, **growth)
 
 
 class Trainer:
-    """Everything one rank needs to train one run; `fit()` runs it."""
+    """Everything one rank needs to train one run; `fit()` runs it in the config's checkpoint folder."""
 
-    def __init__(self, cfg: Mapping[str, Any], info: RunInfo) -> None:
-        self.cfg, self.info = cfg, info
+    def __init__(self, cfg: Mapping[str, Any], info: RunInfo, folder: checkpoint.RunFolder) -> None:
+        self.cfg, self.info, self.folder = cfg, info, folder
         self.recipe, tr = cfg["recipe"], cfg["trainer"]
         self.world, self.rank = distributed.world_size(), distributed.rank()
-        self.device = select_device(tr["device"])
+        self.device = distributed.select_device(tr["device"])
         seed_everything(int(cfg["seed"]), bool(tr["deterministic"]))
-        self.global_batch = int(self.recipe["gpus"]) * int(self.recipe["batch_per_gpu"])
-        self.device_batch = self.global_batch // self.world
-        self.micro_batch = int(tr["micro_batch"] or self.recipe["batch_per_gpu"])
-        self.data: DataBundle = build_data(
-            cfg,
-            batch=self.device_batch,
-            world=self.world,
-            rank=self.rank,
-            workers=resolve_workers(tr["num_workers"], self.world),
-            pin=self.device.type == "cuda",
+        self.plan = batches.plan(cfg, self.world, self.device.type == "cuda")
+        workers = resolve_workers(tr["num_workers"], distributed.local_world_size())
+        self.data = build_data(
+            cfg, batch=self.plan.device_batch, world=self.world, rank=self.rank, workers=workers, device=self.device
         )
-        self.model, self.params, self.flops = self._build_model()
+        channels_last = self.device.type == "cuda" if tr["channels_last"] == "auto" else bool(tr["channels_last"])
+        self.model = self._build_model(channels_last)
+        self.net = self._wrap(self.model, tr["compile"])
         self.optimizer = build_optimizer(self.model, self.recipe["optimizer"])
         self.criterion = build_loss(self.recipe["loss"])
         self.mixer = self._build_mixer()
         self.scaler = make_scaler(cfg["precision"], self.device)
         dtype = cfg["precision"]["autocast_dtype"]
         self.autocast_dtype = getattr(torch, dtype) if dtype else None
-        channels_last = self.device.type == "cuda" if tr["channels_last"] == "auto" else bool(tr["channels_last"])
-        ds = cfg["dataset"]
-        self.preprocess = Preprocessor(list(ds["mean"]), list(ds["std"]), self.device, channels_last)
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.net = self._wrap(self.model, bool(tr["compile"]))
-        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self.bn_momenta = [(m, m.momentum) for m in norms]
-        self.bn_updating = True
+        self.preprocess = Preprocessor(cfg["dataset"]["mean"], cfg["dataset"]["std"], self.device, channels_last)
         self.tracker = Tracker(cfg["tracking"]["uri"], cfg["tracking"]["experiment"], enabled=self.rank == 0)
-        self.ckpt_dir = checkpoint.run_dir(tr["checkpoint_root"], info.row_name, info.config_hash)
-        self.start_epoch, self.best_top1 = 0, float("-inf")
+        self.epochs, self.start_epoch = int(self.recipe["epochs"]), 0
+        self.best_top1, self.best_epoch, self.best_val = float("-inf"), 0, {}
         self.history: dict[int, dict[str, float]] = {}  # epoch -> its metrics, kept in every checkpoint
+        self.steps = min(len(self.data.train), tr["limit_train_batches"] or len(self.data.train))
 
     # ---- construction -------------------------------------------------------------------------
-    def _build_model(self) -> tuple[nn.Module, int, float]:
+    def _build_model(self, channels_last: bool) -> nn.Module:
         model = build_model_from_cfg(self.cfg)
         init = self.recipe.get("init") or {}
         if init.get("pretrained"):
             from resnet_repro.convert import load_pretrained
 
-            load_pretrained(model, init["pretrained"], prefix=init.get("prefix"))
-        params = count_params(model)
-        flops = count_flops(model, int(self.cfg["dataset"]["input_size"])) / 1e9 if self.rank == 0 else 0.0
-        if self.sync_bn():
+            trusted = bool(self.cfg["trainer"]["trust_checkpoint"])
+            load_pretrained(model, init["pretrained"], prefix=init.get("prefix"), trusted=trusted)
+        self.params = count_params(model)  # ptflops knows the plain BN layers: count before converting them
+        self.flops = count_flops(model, int(self.cfg["dataset"]["input_size"])) / 1e9 if self.rank == 0 else 0.0
+        if self.plan.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return model.to(self.device), params, flops
+        else:  # each group of the recipe's per-GPU batch normalised on its own, in one pass
+            convert_bn_groups(model, self.plan.bn_group)
+        model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
 
     def _build_mixer(self) -> Any:
         if not self.recipe.get("mixing"):
             return None
-        from resnet_repro.mixing import build_mixer
+        # mmpretrain mixes each GPU's batch on its own: partners stay within each BN group
+        groups = self.plan.device_batch // self.plan.bn_group
+        return build_mixer(self.recipe["mixing"], int(self.cfg["dataset"]["num_classes"]), chunks=groups)
 
-        # mmpretrain mixes each GPU's batch on its own: keep partners within each emulated GPU's slice
-        gpus = int(self.recipe["gpus"])
-        chunks = gpus // self.world if gpus % self.world == 0 else 1
-        return build_mixer(self.recipe["mixing"], int(self.cfg["dataset"]["num_classes"]), chunks=chunks)
-
-    def _wrap(self, model: nn.Module, compile_model: bool) -> nn.Module:
-        """DDP across processes (kept as self.ddp for no_sync), then torch.compile around it if asked."""
+    def _wrap(self, model: nn.Module, compile_mode: Any) -> nn.Module:
+        """DDP across processes, then torch.compile around it when asked (mode: CUDA graphs etc.)."""
         net: nn.Module = model
-        self.ddp: DistributedDataParallel | None = None
         if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            net = self.ddp = DistributedDataParallel(model, device_ids=ids)
-        return torch.compile(net) if compile_model else net
-
-    def sync_bn(self) -> bool:
-        """SyncBN across processes where the recipe asks for it; torch's SyncBatchNorm runs on CUDA only."""
-        return bool(self.recipe["model"].get("sync_bn")) and self.world > 1 and self.device.type == "cuda"
-
-    def bn_batch(self) -> tuple[int, int]:
-        """Images behind each BatchNorm statistic: (this run, the recipe)."""
-        ours = self.micro_batch * (self.world if self.sync_bn() else 1)
-        recipe = int(self.recipe["batch_per_gpu"]) * (
-            int(self.recipe["gpus"]) if self.recipe["model"].get("sync_bn") else 1
-        )
-        return ours, recipe
+            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if compile_mode is False:
+            return net
+        return torch.compile(net, mode=None if compile_mode is True else str(compile_mode))
 
     # ---- one step -----------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -232,42 +153,25 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on this device's share of the global batch; returns its mean loss (detached)."""
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        x, target = self.preprocess(images), labels
+        """One optimizer step on this device's share of the global batch; its mean loss, left on the device."""
+        x = self.preprocess(images.to(self.device, non_blocking=True))
+        target = labels.to(self.device, non_blocking=True)
         if self.mixer is not None:
-            x, target = self.mixer(x, labels)
-        n = x.shape[0]
-        chunks = list(zip(x.split(self.micro_batch), target.split(self.micro_batch), strict=True))
-        losses = []
-        for i, (xc, tc) in enumerate(chunks):
-            last = i == len(chunks) - 1
-            self._track_bn_stats(self.rank == 0 and i == 0)
-            no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            x, target = self.mixer(x, target)
+        n, size = x.shape[0], self.plan.forward_batch
+        passes = list(zip(x.split(size), target.split(size), strict=True))
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (xp, tp) in enumerate(passes):
+            set_update_stats(self.model, self.rank == 0 and i == 0)  # BN statistics: the recipe's rank 0, group 0
+            no_sync = (
+                self.net.no_sync()
+                if isinstance(self.net, DistributedDataParallel) and i < len(passes) - 1
+                else contextlib.nullcontext()
+            )
             with no_sync, self.autocast():
-                loss = self.criterion(self.net(xc), tc)
-                if len(chunks) > 1:  # each micro-batch's share of the device batch's mean
-                    loss = loss * (xc.shape[0] / n)
+                loss = self.criterion(self.net(xp), tp) * (xp.shape[0] / n)  # the device batch's mean
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            losses.append(loss.detach())
-        self._optimizer_step()
-        return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-
-    def _track_bn_stats(self, update: bool) -> None:
-        """BN running statistics follow the recipe's rank 0: only its first per-GPU batch of a step updates them.
-
-        On N GPUs without SyncBN each GPU keeps its own running statistics and the checkpoint holds rank
-        0's; emulating those GPUs with micro-batches would otherwise average over all of them. Momentum 0
-        leaves the statistics unchanged while the batch is still normalised by its own statistics.
-        """
-        if update == self.bn_updating:
-            return
-        self.bn_updating = update
-        for bn, momentum in self.bn_momenta:
-            bn.momentum = momentum if update else 0.0
-
-    def _optimizer_step(self) -> None:
+            loss_sum += loss.detach()
         if self.scaler is None:
             self.optimizer.step()
         else:
@@ -275,248 +179,247 @@ class Trainer:
             scale = self.cfg["precision"]["loss_scale"]
             self.scaler.update(None if scale == "dynamic" else float(scale))
         self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
 
     # ---- epochs -------------------------------------------------------------------------------
-    def _batches(self, loader: Any, limit: int | None) -> Iterator[tuple[int, Any]]:
-        for it, batch in enumerate(loader):
-            if limit is not None and it >= limit:
-                return
-            yield it, batch
-
-    def iters_per_epoch(self) -> int:
-        limit = self.cfg["trainer"]["limit_train_batches"]
-        return min(len(self.data.train), limit) if limit else len(self.data.train)
-
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         self.net.train()
         self.data.train.sampler.set_epoch(epoch)
-        n_iter, epochs = self.iters_per_epoch(), int(self.recipe["epochs"])
         base_lr = float(self.recipe["optimizer"]["lr"])
-        loss_sum = torch.zeros((), device=self.device)
-        seen, lr, start = 0, base_lr, time.perf_counter()
-        bar = tqdm(
-            total=n_iter,
-            desc=f"epoch {epoch + 1}/{epochs}",
-            leave=False,
-            dynamic_ncols=True,
-            disable=None if self.rank == 0 else True,
-        )
-        for it, (images, labels) in self._batches(self.data.train, n_iter):
-            lr = learning_rate(self.recipe["schedule"], base_lr, epochs, epoch, it, n_iter)
+        loss_sum, seen, lr = torch.zeros((), device=self.device, dtype=torch.float64), 0, base_lr
+        every = int(self.cfg["trainer"]["log_every_n_steps"])
+        bar = Progress(f"epoch {epoch + 1}/{self.epochs}", self.steps, every, enabled=self.rank == 0)
+        for it, (images, labels) in enumerate(islice(self.data.train, self.steps)):
+            lr = learning_rate(self.recipe["schedule"], base_lr, self.epochs, epoch, it, self.steps)
             set_lr(self.optimizer, lr)
-            loss_sum += self.train_step(images, labels) * images.shape[0]
-            seen += images.shape[0]
-            bar.update(1)
-            if self.rank == 0:
-                self._progress(bar, epoch, it + 1, n_iter, loss_sum, seen, lr, start)
+            loss = self.train_step(images, labels)
+            loss_sum += loss * images.shape[0]
+            seen, step = seen + images.shape[0], it + 1
+            bar.advance(step)
+            if step % every == 0 or step == self.steps:  # the same steps on every rank: the check all-reduces
+                self._check_finite(loss_sum, epoch, step)
+            if bar.due(step):  # rank 0
+                self._report_step(bar, epoch, step, float(loss_sum) / seen, seen, lr)
         bar.close()
-        elapsed = time.perf_counter() - start
-        totals = torch.tensor([loss_sum.item(), float(seen)], dtype=torch.float64)
+        totals = torch.stack([loss_sum.double(), torch.tensor(float(seen), device=self.device, dtype=torch.float64)])
         if self.world > 1:
-            totals = totals.to(self.device)
             torch.distributed.all_reduce(totals)
-        return {
-            "train_loss": float(totals[0] / totals[1]),
-            "lr": lr,
-            "train_img_per_s": float(totals[1]) / elapsed,
-            "train_time_s": elapsed,
-        }
+        elapsed = bar.elapsed()
+        return {"train_loss": float(totals[0] / totals[1]), "lr": lr, "train_img_per_s": float(totals[1]) / elapsed}
 
-    def _progress(
-        self, bar: tqdm, epoch: int, done: int, total: int, loss_sum: torch.Tensor, seen: int, lr: float, start: float
-    ) -> None:
-        """The bar's loss / lr / img/s on a terminal (every 20 steps); without one, a log line every tenth of the
-        epoch (at least 20 steps apart). Reading the loss syncs the device, hence not every step."""
-        if (done % 20 if not bar.disable else done % max(20, total // 10)) and done != total:
-            return
-        elapsed = time.perf_counter() - start
-        loss, rate = loss_sum.item() / seen, seen * self.world / elapsed
-        if not bar.disable:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-        elif done != total:
-            eta = (total - done) * elapsed / done
-            log.info(
-                "epoch %d [%d/%d]  loss %.4f  lr %.4g  %.0f img/s  eta %.0f s",
-                epoch + 1,
-                done,
-                total,
-                loss,
-                lr,
-                rate,
-                eta,
+    def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+        """A NaN or infinite loss stops the run on every rank (reading it syncs: only at reporting points)."""
+        finite = torch.isfinite(loss_sum).to(torch.int32)
+        if self.world > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not bool(finite):
+            raise NonFiniteLoss(
+                f"the training loss became {float(loss_sum):g} in epoch {epoch + 1} by step {step}; "
+                f"the run is stopped (lower recipe.optimizer.lr, or use precision=amp-fp16 for dynamic loss scaling)"
             )
 
+    def _report_step(self, bar: Progress, epoch: int, step: int, loss: float, seen: int, lr: float) -> None:
+        """The progress line (loss, LR, img/s, ETAs of the epoch and the run) and MLflow's step metrics."""
+        rate = seen * self.world / bar.elapsed()
+        per_epoch = self.steps * bar.elapsed() / step + self._eval_seconds
+        fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}"}
+        bar.report(step, fields, run_left_s=(self.epochs - epoch - 1) * per_epoch)
+        self.tracker.log_metrics({"step/train_loss": loss, "step/lr": lr}, step=epoch * self.steps + step)
+
+    _eval_seconds = 0.0
+
     def evaluate(self) -> dict[str, float]:
-        """Top-1/top-5 (percent) over the whole split: each sample counted once, summed over ranks."""
+        """Top-1/top-5 (percent) over the split (or its evenly spread subset): each sample counted once."""
+        start = time.perf_counter()
         if self.world > 1:  # evaluate what the checkpoint holds: rank 0's BatchNorm statistics
             for buffer in self.model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
-        batches = (b for _, b in self._batches(self.data.val, self.cfg["trainer"]["limit_val_batches"]))
-        top = topk_accuracy(self.model, batches, self.preprocess, self.device, int(self.cfg["dataset"]["num_classes"]))
+        every = int(self.cfg["trainer"]["log_every_n_steps"])
+        bar = Progress("eval", len(self.data.val), every, enabled=self.rank == 0, unit="batch", first=False)
+        num_classes = int(self.cfg["dataset"]["num_classes"])
+        top = topk_accuracy(self.model, self.data.val, self.preprocess, self.device, num_classes, bar)
+        self._eval_seconds = time.perf_counter() - start
         return {f"val_{k}": v for k, v in top.items()}
 
-    # ---- checkpoints --------------------------------------------------------------------------
-    def resume_path(self) -> Path | None:
-        """Rank 0 decides which checkpoint to continue (archiving a finished or abandoned one)."""
-        mode = str(self.cfg["trainer"]["resume"])
-        if mode not in ("auto", "none", "None"):
-            return Path(mode)
-        last = self.ckpt_dir / "last.pt"
-        unfinished = last.is_file() and int(checkpoint.load(last, mmap=True)["epoch"]) < int(self.recipe["epochs"])
-        if mode == "auto" and unfinished:
-            return last
-        moved = checkpoint.archive(self.ckpt_dir)
-        if moved:
-            log.info("earlier checkpoints of this config moved to %s", moved)
-        return None
-
-    def load_state(self, path: Path) -> str | None:
-        state = checkpoint.load(path)
-        if state.get("config_hash") != self.info.config_hash:
-            log.warning("resuming %s, written by a different config (%s)", path, state.get("config_hash"))
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch, self.best_top1 = int(state["epoch"]), float(state["best_top1"])
-        self.history = dict(state.get("history", {}))
-        rngs = state.get("rng") or []
-        if len(rngs) == self.world:
-            checkpoint.set_rng_state(rngs[self.rank])
-        return state.get("mlflow_run_id")
-
-    def save(self, epoch: int, val: Mapping[str, float]) -> None:
-        rngs = distributed.all_gather_object(checkpoint.rng_state())
-        if self.rank != 0:
-            return
-        improved = val["val_top1"] > self.best_top1
-        self.best_top1 = max(self.best_top1, val["val_top1"])
-        common = {
-            "epoch": epoch,
+    # ---- what a checkpoint holds ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """last.pt: everything a resume needs, in types torch.load(weights_only=True) reads."""
+        return {
+            "epoch": self.start_epoch,
             "model": self.model.state_dict(),
-            "config": self.cfg,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "best_val": dict(self.best_val),
+            "history": self.history,
+            "config": dict(self.cfg),
             "config_hash": self.info.config_hash,
+            "data_fingerprint": self.info.data_fingerprint,
             "row_name": self.info.row_name,
             "classes": self.data.classes,
             "mlflow_run_id": self.tracker.run_id,
+            "world_size": self.world,
+            "write_best": self.cfg["trainer"]["checkpoints"] == "last+best",
         }
-        checkpoint.save_atomic(
-            {
-                **common,
-                "optimizer": self.optimizer.state_dict(),
-                "best_top1": self.best_top1,
-                "scaler": self.scaler.state_dict() if self.scaler else None,
-                "rng": rngs,
-                "history": self.history,
-                "world_size": self.world,
-            },
-            self.ckpt_dir / "last.pt",
-        )
-        if improved:
-            checkpoint.save_atomic({**common, "val": dict(val)}, self.ckpt_dir / "best.pt")
+
+    def load_state_dict(self, state: Mapping[str, Any], weights_only: bool = False) -> None:
+        self.model.load_state_dict(state["model"])
+        if weights_only:  # a warm start: a new run from another run's weights
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"])
+        self.best_top1, self.best_epoch = float(state["best_top1"]), int(state.get("best_epoch", 0))
+        self.best_val, self.history = dict(state.get("best_val", {})), dict(state.get("history", {}))
+
+    def save(self, rngs: list[Any]) -> None:
+        """last.pt, then best.pt when this epoch improved (a kill between the two is repaired at start)."""
+        mode = self.cfg["trainer"]["checkpoints"]
+        if self.rank != 0 or mode == "none":
+            return
+        state = {**self.state_dict(), "rng": rngs}
+        crash_point("before-first-checkpoint" if self.start_epoch == 1 else "")
+        checkpoint.save_atomic(state, self.folder.last)
+        if mode == "last+best" and self.best_epoch == self.start_epoch:
+            crash_point("between-last-and-best")
+            checkpoint.save_atomic(checkpoint.best_from_last(state), self.folder.best)
 
     # ---- the run ------------------------------------------------------------------------------
-    def _start_tracking(self, run_id: str | None) -> None:
-        from resnet_repro.config import flatten
-
-        ours, recipe = self.bn_batch()
-        deviations = list(self.info.deviations)
-        if ours != recipe:
-            deviations.append(f"BatchNorm statistics over {ours} images (recipe: {recipe})")
-        self.info.deviations = deviations
-        if run_id is not None:
-            self.tracker.start(self.info.row_name, {}, run_id=run_id)
-            self.tracker.set_tags({"resumed_at_epoch": self.start_epoch})
-            logged = {step for step, _ in self.tracker.history(run_id, "val_top1")}
-            for epoch, metrics in sorted(self.history.items()):  # killed between checkpoint and MLflow
-                if epoch not in logged:
-                    self.tracker.log_metrics(metrics, step=epoch)
-            return
-        tags = {
-            "row": self.info.row_name,
-            "section": self.info.section,
-            "config_hash": self.info.config_hash,
-            "run_type": "train",
-            "faithful": str(not deviations).lower(),
-            "deviations": "; ".join(deviations),
-            "sweep": self.info.sweep,
-            "git_commit": _git_commit(),
-            "hydra_overrides": " ".join(self.info.overrides),
-            "world_size": self.world,
-            "device": str(self.device),
-            "output_dir": self.info.output_dir,
-            "checkpoint_dir": str(self.ckpt_dir.resolve()),
-            "data_verified": self.data.verified,
-            **{f"version.{k}": v for k, v in _versions().items()},
-        }
-        self.tracker.start(f"{self.info.row_name}-{self.info.config_hash}", tags)
-        accum = self.device_batch // self.micro_batch
-        self.tracker.log_params(
-            {
-                **flatten(dict(self.cfg)),
-                "batch_global": self.global_batch,
-                "batch_per_device": self.device_batch,
-                "batch_micro": self.micro_batch,
-                "accum_steps": accum,
-                "num_train": self.data.num_train,
-                "num_val": self.data.num_val,
-            }
-        )
-        self.tracker.log_metrics({"params": self.params, "flops_g": self.flops}, step=0)
-        self.tracker.log_text(self.info.config_yaml, "config/config.yaml")
-        self.tracker.log_text("\n".join(f"- {o}" for o in self.info.overrides) + "\n", "config/overrides.yaml")
-
-    def fit(self) -> float:
-        path = distributed.broadcast_object(self.resume_path() if self.rank == 0 else None)
-        run_id = self.load_state(path) if path else None
-        if self.rank == 0:
-            self._start_tracking(run_id)
-            log.info(
-                "MLflow run %s (%s): see it with `%s`",
-                self.tracker.run_id,
-                self.info.row_name,
-                ui_command(self.tracker.uri),
-            )
-            if path:
-                log.info("resumed %s at epoch %d", path, self.start_epoch)
+    def fit(self) -> dict[str, Any]:
+        """Train from where the folder says to the end; returns the run's summary (best, last, time)."""
+        start = time.perf_counter()
         try:
-            for epoch in range(self.start_epoch, int(self.recipe["epochs"])):
+            resume = distributed.on_rank0(self._choose_resume)
+            self._restore(resume)
+            distributed.on_rank0(lambda: self._start_tracking(resume))
+        except UserError as err:
+            err.before_start = True
+            raise
+        try:
+            for epoch in range(self.start_epoch, self.epochs):
                 self._epoch(epoch)
+            crash_point("before-finish")
+            self._finish_books()
         except KeyboardInterrupt:
             self.tracker.finish("KILLED")
             raise
         except BaseException:
             self.tracker.finish("FAILED")
+            self._log_files()
             raise
-        self.tracker.log_metrics(
-            {"best_val_top1": self.best_top1, "epochs_completed": int(self.recipe["epochs"])},
-            step=int(self.recipe["epochs"]),
+        last = self.history.get(self.epochs, {})
+        return {
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "last": last,
+            "wall_s": time.perf_counter() - start,
+            "run_id": self.tracker.run_id,
+        }
+
+    def _restore(self, resume: checkpoint.Resume) -> None:
+        if resume.path is None:
+            return
+        state = checkpoint.load(resume.path, trusted=bool(self.cfg["trainer"]["trust_checkpoint"]))
+        self.load_state_dict(state, weights_only=resume.action == "warm")
+        rngs = state.get("rng") or []
+        if len(rngs) == self.world and resume.action != "warm":
+            checkpoint.set_rng_state(rngs[self.rank])
+
+    def _choose_resume(self) -> checkpoint.Resume:
+        tr = self.cfg["trainer"]
+        self.folder.repair_best(trusted=bool(tr["trust_checkpoint"]))
+        if tr["warm_start"]:
+            self.folder.archive_and_start_fresh(int(tr["keep_archived"]))
+            return checkpoint.Resume("warm", Path(str(tr["resume"])))
+        return self.folder.resume_or_archive(
+            str(tr["resume"]),
+            epochs=self.epochs,
+            config_hash=self.info.config_hash,
+            fingerprint=self.info.data_fingerprint,
+            finished=lambda run_id: self.tracker.status(run_id) == "FINISHED",
+            keep=int(tr["keep_archived"]),
+            trusted=bool(tr["trust_checkpoint"]),
         )
-        self.tracker.finish("FINISHED")
-        if self.rank == 0:
-            log.info(
-                "finished: best val top-1 %.2f; MLflow run %s; `%s`",
-                self.best_top1,
-                self.tracker.run_id,
-                ui_command(self.tracker.uri),
+
+    def _start_tracking(self, resume: checkpoint.Resume) -> None:
+        """A new MLflow run, or the one this config's folder names (adopted after a kill); run.json records it."""
+        run_id = (
+            resume.run_id if resume.run_id and self.tracker.status(resume.run_id) not in (None, "FINISHED") else None
+        )
+        if run_id is None:
+            self.tracker.start(self.info.run_name, self._tags())
+            self.tracker.log_params(
+                {
+                    **flat_params(self.cfg),
+                    **self.plan.params(),
+                    "num_train": self.data.num_train,
+                    "num_val": self.data.num_val,
+                }
             )
-        return self.best_top1
+            self.tracker.log_metrics({"params": self.params, "flops_g": self.flops}, step=0)
+            self.tracker.log_text(self.info.config_yaml, "config/config.yaml")
+            self.tracker.log_text("\n".join(f"- {o}" for o in self.info.overrides) + "\n", "config/overrides.yaml")
+        else:
+            self.tracker.start(self.info.run_name, {}, run_id=run_id)
+            self.tracker.set_tags({"resumed_at_epoch": self.start_epoch, "output_dir": self.info.output_dir})
+        self.tracker.backfill(self.history)
+        self.folder.write_run_id(self.tracker.run_id or "", self.tracker.uri)
+        closed = self.tracker.close_dead_runs(self.info.config_hash, keep=self.tracker.run_id)
+        log.info(
+            "MLflow run %s (%s): see it with `%s`%s",
+            self.tracker.run_id,
+            self.info.run_name,
+            ui_command(self.tracker.uri),
+            f"; closed {len(closed)} run(s) left RUNNING by dead processes" if closed else "",
+        )
+        if resume.path is not None:
+            log.info(
+                "%s %s at epoch %d",
+                "warm-started from" if resume.action == "warm" else "resumed",
+                resume.path,
+                self.start_epoch,
+            )
+
+    def _tags(self) -> dict[str, Any]:
+        return provenance_tags(
+            row=self.info.row_name,
+            section=self.info.section,
+            config_hash=self.info.config_hash,
+            run_type="train",
+            faithful=str(not self.info.deviations).lower(),
+            deviations="; ".join(self.info.deviations),
+            sweep=self.info.sweep,
+            hydra_overrides=" ".join(self.info.overrides),
+            world_size=self.world,
+            device=str(self.device),
+            device_name=distributed.device_name(self.device),
+            output_dir=self.info.output_dir,
+            checkpoint_dir=str(self.folder.path.resolve()),
+            data_verified=self.data.verified,
+            data_fingerprint=self.info.data_fingerprint,
+            data_on_device=on_device.DRAW_SCHEME if self.data.on_device else "false",
+            val_limited=str(self.data.val_limited).lower(),
+        )
 
     def _epoch(self, epoch: int) -> None:
         start = time.perf_counter()
         train = self.train_one_epoch(epoch)
         val = self.evaluate()
         metrics = {**train, **val, "epoch_time_s": time.perf_counter() - start}
-        metrics.pop("train_time_s")
+        self.start_epoch = epoch + 1
         self.history[epoch + 1] = metrics
-        self.save(epoch + 1, val)  # the checkpoint carries the metrics: a crash before the next line loses none
+        if val["val_top1"] > self.best_top1:
+            self.best_top1, self.best_epoch, self.best_val = val["val_top1"], epoch + 1, dict(val)
+        self.save(distributed.all_gather_object(checkpoint.rng_state()))  # carries the metrics: a crash loses none
         self.tracker.log_metrics(metrics, step=epoch + 1)
         if self.rank == 0:
             top5 = f"  top-5 {val['val_top5']:6.2f}" if "val_top5" in val else ""
             log.info(
                 "epoch %d/%d  loss %.4f  lr %.4g  val top-1 %6.2f%s  %.1f s  %.0f img/s",
                 epoch + 1,
-                self.recipe["epochs"],
+                self.epochs,
                 train["train_loss"],
                 train["lr"],
                 val["val_top1"],
@@ -524,3 +427,24 @@ class Trainer:
                 metrics["epoch_time_s"],
                 train["train_img_per_s"],
             )
+
+    def _finish_books(self) -> None:
+        """The end of the run: final metrics, FINISHED, artifacts (also all a re-run after a late kill does)."""
+        self.tracker.log_metrics({"best_val_top1": self.best_top1, "epochs_completed": self.epochs}, step=self.epochs)
+        if self.rank == 0 and self.cfg["tracking"]["log_checkpoint"]:
+            self.tracker.log_file(self.folder.best, "checkpoints")
+        self._log_files()
+        self.tracker.finish("FINISHED")
+
+    def _log_files(self) -> None:
+        if self.rank == 0 and self.info.log_file:
+            self.tracker.log_file(Path(self.info.log_file), "logs")
+
+
+def summary_line(row: str, result: Mapping[str, Any]) -> str:
+    last = result.get("last") or {}
+    top5 = f" / top-5 {last['val_top5']:.2f}" if "val_top5" in last else ""
+    return (
+        f"done {row}: best top-1 {result['best_top1']:.2f} (epoch {result['best_epoch']}), "
+        f"last top-1 {last.get('val_top1', float('nan')):.2f}{top5}, {fmt_time(result['wall_s'])} wall"
+    )

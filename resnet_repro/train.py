@@ -1,91 +1,195 @@
-"""One Hydra job -> one training run: check, name, skip if already done, then train in this process,
-under torchrun's ranks, or in N local workers (`trainer.nproc_per_node=N`)."""
+"""One Hydra job -> one training run: check, name, skip if already done on the same data, then train in
+this process, under torchrun's ranks, or in N local workers (`trainer.nproc_per_node=N`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_repro import distributed
+from resnet_repro import checkpoint, distributed
 from resnet_repro.config import config_hash, deviations, table_row, to_plain, user_overrides, validate
-from resnet_repro.engine import RunInfo, Trainer
+from resnet_repro.data.datasets import ensure_present, fingerprint
+from resnet_repro.engine import RunInfo, Trainer, summary_line
+from resnet_repro.errors import UserError, exit_with, one_line
+from resnet_repro.sweep import write_summary
 from resnet_repro.tracking import Tracker
 
 log = logging.getLogger("resnet_repro")
 
 
-def run_info(cfg: DictConfig) -> RunInfo:
+def world_of(cfg: DictConfig) -> int:
+    return distributed.env_world_size() if distributed.under_torchrun() else int(cfg.trainer.nproc_per_node)
+
+
+def run_info(cfg: DictConfig, world: int) -> RunInfo:
     """The job's identity and provenance, read from Hydra's runtime where there is one."""
     from hydra.core.hydra_config import HydraConfig
 
-    overrides, output_dir, sweep = [], ".", ""
+    overrides, output_dir, sweep, log_file = [], ".", "", ""
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         overrides = user_overrides(list(hc.overrides.task))
         output_dir = hc.runtime.output_dir
+        log_file = str(Path(output_dir) / f"{hc.job.name}.log")
         if str(hc.mode) == "RunMode.MULTIRUN":
             sweep = hc.sweep.dir
     row = table_row(cfg)
+    devs = deviations(cfg, world)
     return RunInfo(
         row_name=cfg.row_name,
         config_hash=config_hash(cfg),
-        deviations=deviations(cfg),
+        run_name=run_name(cfg.row_name, int(cfg.seed), devs),
+        deviations=devs,
         overrides=overrides,
         output_dir=output_dir,
+        log_file=log_file,
         sweep=sweep,
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
         section=row.section if row else "custom",
     )
 
 
-def run_job(cfg: DictConfig) -> float | None:
-    """Hydra's task function; returns the best val top-1 (for sweepers), None when skipped."""
-    validate(cfg, world_size=distributed.env_world_size() if distributed.under_torchrun() else None)
-    info = run_info(cfg)
+def run_name(row: str, seed: int, devs: list[str], width: int = 60) -> str:
+    """A name a person can tell apart in the MLflow UI: row, seed and the overrides that change the run."""
+    changes = " ".join(d.split(" (")[0] for d in devs if not d.startswith("custom composition"))
+    name = f"{row} s{seed}" + (f" {changes}" if changes else "")
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def run_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """Hydra's task function: the run's summary (None when skipped)."""
+    world = world_of(cfg)
+    validate(cfg, world_size=world)
+    info = run_info(cfg, world)
     plain = to_plain(cfg)
     nproc = int(cfg.trainer.nproc_per_node)
     if nproc > 1 and not distributed.under_torchrun():
-        if already_finished(plain, info):
-            return None
         return distributed.launch_local(nproc, worker_main, plain, info)
     return train(plain, info)
 
 
-def already_finished(cfg: dict[str, Any], info: RunInfo) -> bool:
-    """With trainer.skip_finished, a config whose training run finished is not trained again."""
-    if not cfg["trainer"]["skip_finished"] or distributed.rank() != 0:
-        return False
+def prepare(cfg: dict[str, Any], info: RunInfo) -> str | None:
+    """Rank 0, before anything is built: the store answers, the data is there; its fingerprint, or None when
+    this config already finished on this data (trainer.skip_finished)."""
     tracking = cfg["tracking"]
-    done = Tracker(tracking["uri"], tracking["experiment"]).find_finished(info.config_hash)
+    tracker = Tracker(tracking["uri"], tracking["experiment"])
+    tracker.probe()
+    tr = cfg["trainer"]
+    if str(tr["resume"]) not in checkpoint.RESUME_MODES and not tr["warm_start"]:  # a file of this config?
+        checkpoint.check_resumable(Path(str(tr["resume"])), info.config_hash, bool(tr["trust_checkpoint"]))
+    ensure_present(cfg["dataset"])
+    info.data_fingerprint = fingerprint(cfg["dataset"])
+    done = tracker.find_finished(info.config_hash, info.data_fingerprint) if cfg["trainer"]["skip_finished"] else None
     if done:
         log.info(
-            "skipping %s: MLflow run %s already finished this config (trainer.skip_finished=false trains it again)",
+            "skipping %s: MLflow run %s already finished this config on this data "
+            "(trainer.skip_finished=false trains it again)",
             info.row_name,
             done,
         )
-    return done is not None
+        return None
+    return info.data_fingerprint
 
 
-def train(cfg: dict[str, Any], info: RunInfo, check_finished: bool = True) -> float | None:
+def train(cfg: dict[str, Any], info: RunInfo) -> dict[str, Any] | None:
     """Train on every rank of the current process group (or alone)."""
     distributed.init_from_env()
-    if check_finished and distributed.broadcast_object(already_finished(cfg, info)):
-        return None
-    return Trainer(cfg, info).fit()
-
-
-def worker_main(cfg: dict[str, Any], info: RunInfo) -> float | None:
-    """Entry of each worker started by `trainer.nproc_per_node` (a fresh process: set up logging)."""
-    from resnet_repro.errors import UserError, exit_with
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s", stream=sys.stdout)
+    tr = cfg["trainer"]
+    local = distributed.local_world_size() if distributed.under_torchrun() else int(tr["nproc_per_node"])
+    distributed.set_threads(tr["threads"], local)
+    folder = checkpoint.RunFolder(
+        checkpoint.run_dir(tr["checkpoint_root"], info.row_name, int(cfg["seed"]), info.config_hash)
+    )
     try:
-        return train(cfg, info, check_finished=False)  # the launching job has checked
+        with before_start():
+            info.data_fingerprint = distributed.on_rank0(lambda: prepare(cfg, info))
+            if info.data_fingerprint is None:
+                return None
+            distributed.on_rank0(folder.acquire)  # one process per config: a second one stops here in one line
+            trainer = Trainer(cfg, info, folder)
+        result = trainer.fit()
+    finally:
+        folder.release()
+    if distributed.rank() == 0:
+        log.info(summary_line(info.row_name, result))
+    return result
+
+
+@contextlib.contextmanager
+def before_start() -> Iterator[None]:
+    """Errors in the block happened before the run started: nothing of it is left to keep."""
+    try:
+        yield
+    except UserError as err:
+        err.before_start = True
+        raise
+
+
+def remove_output_dir(output_dir: str) -> None:
+    """The Hydra folder of a job that failed before it started holds only Hydra's own files: remove it
+    and the date folders above it that it leaves empty."""
+    folder = Path(output_dir)
+    if not folder.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in folder.iterdir()):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if parent == Path.cwd() or not parent.is_dir() or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
+def worker_main(cfg: dict[str, Any], info: RunInfo) -> dict[str, Any] | None:
+    """Entry of each worker started by `trainer.nproc_per_node` (a fresh process: set up logging)."""
+    if not logging.getLogger().handlers:
+        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+        if info.log_file and distributed.local_rank() == 0:  # the worker's lines land in Hydra's log too
+            handlers.append(logging.FileHandler(info.log_file))
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s", handlers=handlers)
+    try:
+        return train(cfg, info)
     except UserError as err:
         exit_with(err)
     finally:
         distributed.destroy()
+
+
+def run_and_summarise(cfg: DictConfig, multirun: bool) -> dict[str, Any] | None:
+    """run_job, then the job's line of the sweep summary. In a sweep a failing job is reported and the sweep
+    goes on; alone, bad input ends the process with one line (exit 2)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    start, result, error = time.perf_counter(), None, None
+    try:
+        result = run_job(cfg)
+    except UserError as err:
+        error = one_line(err)
+        if not multirun:
+            if err.before_start and HydraConfig.initialized():
+                remove_output_dir(HydraConfig.get().runtime.output_dir)
+            exit_with(err)
+        log.error("resnet_repro: error: %s", error)
+    except Exception as err:
+        if not multirun:
+            raise
+        error = f"{type(err).__name__}: {one_line(err)}"
+        log.exception("job failed")
+    if HydraConfig.initialized():
+        last = (result or {}).get("last") or {}
+        write_summary(
+            HydraConfig.get().runtime.output_dir,
+            row=str(cfg.row_name),
+            overrides=user_overrides(list(HydraConfig.get().overrides.task)),
+            status="FAILED" if error else ("SKIPPED" if result is None else "FINISHED"),
+            top1=last.get("val_top1"),
+            wall_s=time.perf_counter() - start,
+            error=error,
+        )
+    return result

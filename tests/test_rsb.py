@@ -297,7 +297,9 @@ def _sampler_worker(rank: int, world: int, tmp: str, size: int, seed: int) -> No
     for epoch in range(2):
         plain.set_epoch(epoch)
         virtual.set_epoch(epoch)
-        epochs.append({"len": len(plain), "indices": list(plain), "vlen": len(virtual), "virtual": list(virtual)})
+        indices = [i for i, _ in plain]  # each sample comes with its augmentation seed
+        epochs.append({"len": len(plain), "indices": indices, "vlen": len(virtual), "virtual": [i for i, _ in virtual]})
+        epochs[-1]["seeds"] = [s for _, s in plain]
     gathered = [None] * world
     dist.all_gather_object(gathered, epochs)
     if rank == 0:
@@ -349,7 +351,7 @@ def test_repeat_aug_one_process_emulates_the_recipe_gpus() -> None:
     size, seed = 20, 3
     sampler = build_train_sampler(list(range(size)), 3, 16, 1, 0, seed, gpus=8)
     sampler.set_epoch(1)
-    got = list(sampler)
+    got = [i for i, _ in sampler]
     gpu = _mmpretrain_rule(size, 8, seed, 1)  # ceil(20 / 8) = 3 samples per GPU
     assert len(sampler) == len(got) == 24
     assert got == [i for s in (0, 2) for v in range(8) for i in gpu[v][s : s + 2]]
@@ -401,6 +403,34 @@ def test_syncbn_conversion_two_process_gloo(tmp_path: Path) -> None:
     assert "SyncBatchNorm layers only work with GPU modules" in res["ddp"]
 
 
+def test_repeated_copies_on_three_ranks_are_augmented_differently_and_reproducibly() -> None:
+    """Issue 9: the 3 copies of an image land on 3 (emulated or real) ranks with different seeds, so the RSB
+    pipeline augments them differently; the same (index, seed) pairs come out on 1 process emulating 3 GPUs
+    as on 3 processes, and again on a second pass (a restart)."""
+    from resnet_repro.data import TransformedDataset
+
+    size, seed, epoch = 12, 5, 2
+    ranks = []
+    for r in range(3):
+        sampler = RepeatAugSampler(list(range(size)), 3, r, num_repeats=3, seed=seed)
+        sampler.set_epoch(epoch)
+        ranks.append(list(sampler))
+    image = ranks[0][0][0]
+    copies = [next(s for i, s in rank if i == image) for rank in ranks]  # one copy per rank
+    assert len(set(copies)) == 3
+    emulated = RepeatAugSampler(list(range(size)), 1, 0, num_repeats=3, seed=seed, gpus=3, batch_per_gpu=4)
+    emulated.set_epoch(epoch)
+    assert sorted(emulated) == sorted(pair for rank in ranks for pair in rank)
+
+    rng = np.random.default_rng(0)
+    images = [(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8), 0) for _ in range(size)]
+    data = TransformedDataset(images, build_pipeline(recipe(A2)["train_pipeline"]))
+    outs = [data[(image, s)][0] for s in copies]
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2]) and not torch.equal(outs[0], outs[2])
+    again = [data[(image, s)][0] for s in copies]
+    assert all(torch.equal(a, b) for a, b in zip(outs, again, strict=True))
+
+
 # ---- RandAugment --------------------------------------------------------------------------------
 
 
@@ -441,7 +471,7 @@ def test_rsb_train_pipelines_build() -> None:
 # ---- tiny end-to-end run of each row ------------------------------------------------------------
 
 
-def write_image_folder(root: Path, classes: int = 2, train: int = 3, val: int = 1, size: int = 64) -> Path:
+def write_image_folder(root: Path, classes: int = 5, train: int = 1, val: int = 1, size: int = 64) -> Path:
     """An ImageFolder (train/<wnid>/, val/<wnid>/) of random JPEGs; tiny, as ResNet-50 at 224 px is slow on CPU."""
     import cv2
 
@@ -460,7 +490,8 @@ def write_image_folder(root: Path, classes: int = 2, train: int = 3, val: int = 
 @pytest.mark.parametrize("row", [A1, A2, A3])
 def test_rsb_row_trains_and_logs(row: str, tmp_path: Path) -> None:
     data = write_image_folder(tmp_path / "imagenet")
-    args = [f"row={row}", "recipe.epochs=1", *train_args(tmp_path, data)]
+    # 5 classes (top-5 needs them), and a head to match: the folders and dataset.num_classes must agree
+    args = [f"row={row}", "recipe.epochs=1", "dataset.num_classes=5", *train_args(tmp_path, data)]
     proc = run_cli(args, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [r for r in mlflow_runs(tmp_path) if r.data.tags.get("row") == row]

@@ -1,13 +1,12 @@
-"""Data for a run: the dataset's splits, the recipe's pipelines, samplers and loaders.
+"""Data for a run: the dataset's splits, checked before the first step, with the recipe's pipelines.
 
-Loaders yield uint8 image batches (N x 3 x H x W) and int64 labels; float conversion, normalisation
-and batch mixing happen on the device (engine.Preprocessor), as in mmpretrain's data preprocessor.
-So a small dataset could later live on the GPU as uint8 without touching the loop.
+Loaders yield uint8 image batches (N x 3 x H x W) and int64 labels; float conversion, normalisation and
+batch mixing happen on the device (data.preprocess, mixing). Small splits whose pipelines are a padded
+crop and a flip (CIFAR, the demo) can instead live on the device and be augmented there (data.on_device).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from collections.abc import Iterator, Mapping
@@ -19,23 +18,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from resnet_repro.data.datasets import DataError, build_dataset
+from resnet_repro.data import on_device
+from resnet_repro.data.datasets import ArrayDataset, DataError, build_dataset, check_classes, check_readable
+from resnet_repro.data.samplers import GlobalBatchSampler, RepeatAugSampler, ShardSampler, spread
 from resnet_repro.data.transforms import Pipeline, build_pipeline
 
-__all__ = [
-    "DataBundle",
-    "DataError",
-    "GlobalBatchSampler",
-    "ShardSampler",
-    "TransformedDataset",
-    "build_data",
-    "build_dataset",
-    "build_eval_loader",
-]
+__all__ = ["DataBundle", "DataError", "GlobalBatchSampler", "ShardSampler", "build_data", "build_eval_loader", "seeded"]
+ON_DEVICE_MAX_BYTES = 2 << 30  # a split held on the device: CIFAR's 50,000 images are 154 MB
 
 
 class TransformedDataset(Dataset):
-    """Applies the pipeline; a key `(index, seed)` runs it under its own RNG seed (GlobalBatchSampler)."""
+    """Applies the pipeline; a key `(index, seed)` runs it under that sample's own RNG seed (data.samplers)."""
 
     def __init__(self, base: Dataset, pipeline: Pipeline) -> None:
         self.base, self.pipeline = base, pipeline
@@ -44,11 +37,10 @@ class TransformedDataset(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        if isinstance(key, int):
-            img, label = self.base[key]
-            return self.pipeline(img), label
-        index, seed = key
+        index, seed = (key, None) if isinstance(key, int) else key
         img, label = self.base[index]
+        if seed is None:
+            return self.pipeline(img), label
         with seeded(seed):
             return self.pipeline(img), label
 
@@ -57,7 +49,7 @@ class TransformedDataset(Dataset):
 def seeded(seed: int) -> Iterator[None]:
     """Seed torch, random and NumPy for one sample, then give the caller its RNG streams back."""
     saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed % 2**64)  # torch takes seeds below 2**64; sample seeds can exceed it
     random.seed(seed)
     np.random.seed(seed % 2**32)
     try:
@@ -68,67 +60,13 @@ def seeded(seed: int) -> Iterator[None]:
         np.random.set_state(saved[2])
 
 
-class GlobalBatchSampler(Sampler[tuple[int, int]]):
-    """This rank's share of each shuffled global batch, every sample with its own augmentation seed.
-
-    Shuffled and padded like torch's DistributedSampler (seed + epoch), but each global batch is cut
-    into contiguous per-rank slices (DistributedSampler interleaves ranks), and sample i of epoch e is
-    augmented under seed f(seed, e, i). So the micro-batches, their augmentations and hence the
-    gradients of a step are the same on 1 process with accumulation as on N: a run does not depend
-    on its world size or on the number of loader workers, and resumes exactly.
-    """
-
-    def __init__(self, size: int, global_batch: int, world: int, rank: int, seed: int) -> None:
-        self.size, self.global_batch, self.world, self.rank, self.seed = size, global_batch, world, rank, seed
-        self.total = math.ceil(size / world) * world
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.total // self.world
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=gen).tolist()
-        order = (order * math.ceil(self.total / self.size))[: self.total]  # pad by repeating the start
-        for start in range(0, self.total, self.global_batch):
-            block = order[start : start + self.global_batch]
-            share = len(block) // self.world
-            for i in block[self.rank * share : (self.rank + 1) * share]:
-                yield i, (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i
-
-
-class ShardSampler(Sampler[int]):
-    """Rank r evaluates samples r, r+W, r+2W, ...: every sample exactly once over all ranks.
-
-    torch's DistributedSampler pads with repeated samples so ranks have equal counts, which would
-    count some images twice in a distributed top-1.
-    """
-
-    def __init__(self, size: int, world: int, rank: int) -> None:
-        self.indices = range(rank, size, world)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def build_train_sampler(
-    dataset: Dataset, repeats: int, global_batch: int, world: int, rank: int, seed: int, gpus: int | None = None
-) -> Sampler[Any]:
-    """Shuffled shards of equal length (padded, like mmengine's DefaultSampler); reshuffled by set_epoch.
-
-    Repeated augmentation deals to the recipe's `gpus` (emulated when there are fewer processes), so
-    the copies of an image fall in different per-GPU (micro-)batches, as on the recipe's 8 GPUs.
-    """
+    dataset: Any, repeats: int, global_batch: int, world: int, rank: int, seed: int, gpus: int | None = None
+) -> Sampler[tuple[int, int]]:
+    """Shuffled shards of equal length (padded, like mmengine's DefaultSampler), reshuffled by set_epoch;
+    repeated augmentation (RSB) deals to the recipe's `gpus`, emulated when there are fewer processes."""
     if repeats == 1:
-        return GlobalBatchSampler(len(dataset), global_batch, world, rank, seed)  # type: ignore[arg-type]
-    from resnet_repro.data.samplers import RepeatAugSampler
-
+        return GlobalBatchSampler(len(dataset), global_batch, world, rank, seed)
     per_gpu = global_batch // gpus if gpus else None
     return RepeatAugSampler(
         dataset, num_replicas=world, rank=rank, num_repeats=repeats, seed=seed, gpus=gpus, batch_per_gpu=per_gpu
@@ -137,12 +75,14 @@ def build_train_sampler(
 
 @dataclass
 class DataBundle:
-    train: DataLoader
-    val: DataLoader
+    train: Any  # a DataLoader or a data.on_device.DeviceTrainLoader: len(), iteration, .sampler.set_epoch
+    val: Any
     classes: list[str]
     num_train: int
-    num_val: int
+    num_val: int  # samples evaluated (all ranks together)
     verified: bool | None  # CIFAR archives: md5 of the official release matched
+    on_device: bool
+    val_limited: bool
 
 
 def resolve_workers(setting: int | str, processes: int) -> int:
@@ -152,49 +92,79 @@ def resolve_workers(setting: int | str, processes: int) -> int:
     return int(setting)
 
 
-def build_data(cfg: Mapping[str, Any], *, batch: int, world: int, rank: int, workers: int, pin: bool) -> DataBundle:
-    """Loaders of the dataset config `cfg["dataset"]` with the recipe's pipelines; `batch` images per device."""
-    recipe = cfg["recipe"]
-    train_set = _split(cfg, "train", "train_pipeline")
-    repeats, seed = int(recipe["sampler"]["repeats"]), int(cfg["seed"])
-    sampler = build_train_sampler(train_set, repeats, batch * world, world, rank, seed, gpus=int(recipe["gpus"]))
-    train = DataLoader(
-        train_set,
-        sampler=sampler,
-        batch_size=batch,
-        num_workers=workers,
-        pin_memory=pin,
-        persistent_workers=workers > 0,
-    )
-    val = build_eval_loader(cfg, batch, workers, world=world, rank=rank, pin=pin)
+def build_data(
+    cfg: Mapping[str, Any], *, batch: int, world: int, rank: int, workers: int, device: torch.device
+) -> DataBundle:
+    """The run's loaders: `batch` images per device and step; every check that the data allows, done now."""
+    ds, recipe, tr = cfg["dataset"], cfg["recipe"], cfg["trainer"]
+    train_set, test_set = build_dataset(ds, "train"), build_dataset(ds, "test")
+    for split, data in (("train", train_set), ("test", test_set)):
+        if len(data) == 0:  # type: ignore[arg-type]
+            raise DataError(f"the {split} split of dataset={ds['name']} is empty (root: {ds['root']})")
+    classes = check_classes(train_set, test_set, ds)
+    keep = spread(len(test_set), None if tr["limit_val_batches"] is None else tr["limit_val_batches"] * batch)
+    seed, gpus, repeats = int(cfg["seed"]), int(recipe["gpus"]), int(recipe["sampler"]["repeats"])
+    sampler = build_train_sampler(train_set, repeats, batch * world, world, rank, seed, gpus=gpus)
+    shard = ShardSampler(len(test_set), world, rank, keep)  # type: ignore[arg-type]
+    if _keep_on_device(cfg, train_set, test_set, device):  # decoded once: a corrupt image is found now
+        augment = on_device.DeviceAugment.from_pipeline(recipe["train_pipeline"])
+        on = on_device.DeviceSplit.from_dataset
+        train: Any = on_device.DeviceTrainLoader(on(train_set, device, num_workers=workers), sampler, batch, augment)
+        val: Any = on_device.DeviceEvalLoader(on(test_set, device, num_workers=workers), shard.indices, batch)
+    else:
+        check_readable(test_set)  # a corrupt test image is found now, not after an epoch of training
+        pin = device.type == "cuda"
+        pipeline = build_pipeline(recipe["train_pipeline"])
+        train = _loader(TransformedDataset(train_set, pipeline), sampler, batch, workers, pin)
+        val = _eval_loader(test_set, recipe, batch, workers, shard, pin)
     return DataBundle(
         train=train,
         val=val,
-        classes=list(getattr(train_set.base, "classes", [])),
-        num_train=len(train_set),
-        num_val=len(val.dataset),  # type: ignore[arg-type]
-        verified=getattr(train_set.base, "verified", None),
+        classes=classes,
+        num_train=len(train_set),  # type: ignore[arg-type]
+        num_val=len(keep) if keep is not None else len(test_set),  # type: ignore[arg-type]
+        verified=getattr(train_set, "verified", None),
+        on_device=isinstance(train, on_device.DeviceTrainLoader),
+        val_limited=keep is not None,
     )
 
 
-def _split(cfg: Mapping[str, Any], split: str, pipeline: str) -> TransformedDataset:
-    base = build_dataset(cfg["dataset"], split)
-    if len(base) == 0:  # type: ignore[arg-type]
-        ds = cfg["dataset"]
-        raise DataError(f"the {split} split of dataset={ds['name']} is empty (root: {ds['root']})")
-    return TransformedDataset(base, build_pipeline(cfg["recipe"][pipeline]))
+def _keep_on_device(cfg: Mapping[str, Any], train: Dataset, test: Dataset, device: torch.device) -> bool:
+    """trainer.data_on_device: true, false, or auto = the pipelines allow it, the splits fit, and either they
+    are in memory already (CIFAR archives, demo) or the device is a GPU worth decoding an image folder for."""
+    setting, recipe = cfg["trainer"]["data_on_device"], cfg["recipe"]
+    size = int(cfg["dataset"]["input_size"])
+    supported = on_device.device_pipelines_supported(recipe["train_pipeline"], recipe["test_pipeline"], size)
+    supported = supported and int(recipe["sampler"]["repeats"]) == 1
+    if setting is True and not supported:
+        raise DataError(
+            "trainer.data_on_device=true, but only a padded crop and a flip run on the device; "
+            "allowed for this recipe: false, auto"
+        )
+    if setting is not True and (setting is False or not supported):
+        return False
+    nbytes = on_device.estimate_nbytes(train) + on_device.estimate_nbytes(test)
+    in_memory = isinstance(train, ArrayDataset)
+    return setting is True or (nbytes <= ON_DEVICE_MAX_BYTES and (in_memory or device.type == "cuda"))
+
+
+def _loader(dataset: Dataset, sampler: Sampler[Any], batch: int, workers: int, pin: bool) -> DataLoader:
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=batch, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0
+    )
+
+
+def _eval_loader(
+    base: Dataset, recipe: Mapping[str, Any], batch: int, workers: int, sampler: Sampler[int], pin: bool
+) -> DataLoader:
+    return _loader(TransformedDataset(base, build_pipeline(recipe["test_pipeline"])), sampler, batch, workers, pin)
 
 
 def build_eval_loader(
     cfg: Mapping[str, Any], batch: int, workers: int, *, world: int = 1, rank: int = 0, pin: bool = False
 ) -> DataLoader:
     """The test split with the recipe's test pipeline, every sample once over all ranks, in order."""
-    dataset = _split(cfg, "test", "test_pipeline")
-    return DataLoader(
-        dataset,
-        sampler=ShardSampler(len(dataset), world, rank),
-        batch_size=batch,
-        num_workers=workers,
-        pin_memory=pin,
-        persistent_workers=workers > 0,
-    )
+    test_set = build_dataset(cfg["dataset"], "test")
+    check_readable(test_set)
+    sampler = ShardSampler(len(test_set), world, rank)  # type: ignore[arg-type]
+    return _eval_loader(test_set, cfg["recipe"], batch, workers, sampler, pin)

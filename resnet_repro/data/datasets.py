@@ -5,6 +5,7 @@ Images are decoded with OpenCV, as mmpretrain does, and handed to the recipe's p
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torchvision
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.datasets.utils import check_integrity
+from torchvision.datasets.utils import calculate_md5
 
 from resnet_repro.errors import UserError
 
@@ -94,56 +95,82 @@ class _OfficialCIFAR10(torchvision.datasets.CIFAR10):
             self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
+    @classmethod
+    def md5s(cls, root: str | Path) -> dict[str, tuple[str, str]]:
+        """Each archive member: (its md5, the official release's md5)."""
+        files = cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])]
+        return {name: (calculate_md5(str(Path(root) / cls.base_folder / name)), md5) for name, md5 in files}
+
     @property
     def verified(self) -> bool:
-        files = self.train_list + self.test_list + [(self.meta["filename"], self.meta["md5"])]
-        return all(check_integrity(str(Path(self.root) / self.base_folder / name), md5) for name, md5 in files)
+        return all(ours == official for ours, official in self.md5s(self.root).values())
 
 
 class _OfficialCIFAR100(_OfficialCIFAR10, torchvision.datasets.CIFAR100):
     pass
 
 
-def cifar(cfg: Mapping[str, Any], train: bool) -> ArrayDataset:
-    cls = {"cifar10": _OfficialCIFAR10, "cifar100": _OfficialCIFAR100}[cfg["name"]]
-    root = Path(cfg["root"])
-    folder = root / cls.base_folder
-    if not cls.present(root) and not cfg["download"]:
+CIFAR = {"cifar10": _OfficialCIFAR10, "cifar100": _OfficialCIFAR100}
+CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
+CUB_MD5 = "97eceeb196236b17998738112f37df78"
+CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
+
+
+def ensure_present(cfg: Mapping[str, Any]) -> None:
+    """Download what dataset.download allows and is missing; a DataError naming what to do otherwise.
+
+    A failed download removes the folders it created, so a failed run leaves no empty data/ behind.
+    """
+    fmt, root = cfg["format"], Path(str(cfg["root"]))
+    if fmt == "imagefolder":
+        for split in (cfg["train_split"], cfg["test_split"]):
+            if not (root / split).is_dir():
+                raise DataError(
+                    f"no folder {root / split}; expected {root / split}/<class>/<image> (an ImageFolder layout)"
+                )
+    if fmt not in ("pickle", "cub"):
+        return
+    present = CIFAR[cfg["name"]].present(root) if fmt == "pickle" else all((root / n).is_file() for n in CUB_FILES)
+    if present:
+        return
+    if not cfg["download"]:
+        raise DataError(f"no {cfg['name']} data in {root}; set dataset.download=true, or set dataset.root")
+    url = CIFAR[cfg["name"]].url if fmt == "pickle" else CUB_URL
+    created = [p for p in (root, *root.parents) if not p.exists()]
+    try:
+        if fmt == "pickle":
+            CIFAR[cfg["name"]](str(root), train=True, download=True)
+        else:
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            download_and_extract_archive(CUB_URL, str(root.parent), md5=CUB_MD5)
+    except (OSError, RuntimeError) as err:  # no network, a refused or partial download
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise DataError(
-            f"no {cfg['name']} python archives in {folder}; set dataset.download=true, extract "
+            f"could not download {cfg['name']} into {root} ({err}); download {url}, extract it there, "
+            f"or set dataset.root"
+        ) from None
+
+
+def cifar(cfg: Mapping[str, Any], train: bool) -> ArrayDataset:
+    cls, root = CIFAR[cfg["name"]], Path(str(cfg["root"]))
+    if not cls.present(root):
+        raise DataError(
+            f"no {cfg['name']} python archives in {root / cls.base_folder}; set dataset.download=true, extract "
             f"{cls.filename} into {root}, or use dataset.format=imagefolder"
         )
-    try:
-        ds = cls(str(root), train=train, download=bool(cfg["download"]))
-    except (OSError, RuntimeError) as err:  # no network, a refused or partial download
-        raise DataError(
-            f"could not download {cfg['name']} into {root} ({err}); download {cls.url} and "
-            f"extract it there, or set dataset.root"
-        ) from None
+    ds = cls(str(root), train=train, download=False)
     out = ArrayDataset(ds.data, ds.targets, ds.classes)
     out.verified = ds.verified
     return out
 
 
-CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
-CUB_MD5 = "97eceeb196236b17998738112f37df78"
-
-
 def cub(cfg: Mapping[str, Any], train: bool) -> FileDataset:
     """CUB-200-2011 with its official split (images.txt, image_class_labels.txt, train_test_split.txt)."""
     root = Path(cfg["root"])
-    if not (root / "images.txt").is_file() and cfg["download"]:
-        from torchvision.datasets.utils import download_and_extract_archive
-
-        try:
-            download_and_extract_archive(CUB_URL, str(root.parent), md5=CUB_MD5)
-        except (OSError, RuntimeError) as err:
-            raise DataError(
-                f"could not download CUB-200-2011 into {root.parent} ({err}); download {CUB_URL} "
-                f"and extract it there, or set dataset.root"
-            ) from None
-    needed = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
-    missing = [name for name in needed if not (root / name).is_file()]
+    missing = [name for name in CUB_FILES if not (root / name).is_file()]
     if missing:
         raise DataError(
             f"{root} is not a CUB_200_2011 folder (missing {', '.join(missing)}); set dataset.root "
@@ -163,14 +190,14 @@ def cub(cfg: Mapping[str, Any], train: bool) -> FileDataset:
     return FileDataset(samples, classes)
 
 
-def digits(train: bool) -> ArrayDataset:
-    """scikit-learn's bundled handwritten digits (8x8, 0-16) as 32x32 RGB; every fifth image is test."""
+def digits(train: bool, size: int = 32) -> ArrayDataset:
+    """scikit-learn's bundled handwritten digits (8x8, 0-16) as size x size RGB; every fifth image is test."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     keep = (np.arange(len(bunch.target)) % 5 == 4) != train
     scans = (bunch.images[keep] * (255.0 / 16.0)).astype(np.float32)
-    big = np.stack([cv2.resize(s, (32, 32), interpolation=cv2.INTER_LINEAR) for s in scans])
+    big = np.stack([cv2.resize(s, (size, size), interpolation=cv2.INTER_LINEAR) for s in scans])
     gray = np.clip(np.rint(big), 0, 255).astype(np.uint8)
     return ArrayDataset(np.repeat(gray[..., None], 3, axis=-1), bunch.target[keep], [str(d) for d in range(10)])
 
@@ -180,7 +207,7 @@ def build_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
     train = split == "train"
     fmt = cfg["format"]
     if fmt == "digits":
-        return digits(train)
+        return digits(train, int(cfg["input_size"]))
     if fmt == "pickle":
         return cifar(cfg, train)
     if fmt == "cub":
@@ -188,3 +215,65 @@ def build_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
     if fmt == "imagefolder":
         return image_folder(Path(cfg["root"]) / cfg["train_split" if train else "test_split"])
     raise DataError(f"dataset.format={fmt} is not a format; allowed: pickle, imagefolder, cub, digits")
+
+
+# ---- checks and identity of the data, before the first step -----------------------------------------
+def check_classes(train: Dataset, test: Dataset, cfg: Mapping[str, Any]) -> list[str]:
+    """The class list, when train and test agree with each other and with dataset.num_classes."""
+    ours, theirs, wanted = list(getattr(train, "classes", [])), list(getattr(test, "classes", [])), cfg["num_classes"]
+    if ours != theirs:
+        only = sorted(set(ours) ^ set(theirs))
+        where = f" ({', '.join(only[:4])} only in one split)" if only else " (another order)"
+        raise DataError(f"the train and test splits of {cfg['root']} have different classes{where}; labels would shift")
+    if ours and len(ours) != int(wanted):
+        raise DataError(
+            f"{cfg['root']} has {len(ours)} classes but dataset.num_classes={wanted}; "
+            f"fix the folders or set dataset.num_classes={len(ours)}"
+        )
+    return ours
+
+
+def check_readable(dataset: Dataset, workers: int = 8) -> None:
+    """Every image file of `dataset` parses as an image (headers only: seconds for ImageNet's 50,000 val images)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image, UnidentifiedImageError
+
+    samples = getattr(dataset, "samples", None)
+    if not samples:
+        return
+
+    def bad(path: str) -> str | None:
+        try:
+            with Image.open(path) as img:
+                img.size  # noqa: B018 - parsing the header is the check
+        except (OSError, UnidentifiedImageError, ValueError):
+            return path
+        return None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        broken = next((p for p in pool.map(bad, (path for path, _ in samples)) if p), None)
+    if broken:
+        raise DataError(f"cannot decode image {broken} (corrupt or not an image); remove or replace it")
+
+
+def fingerprint(cfg: Mapping[str, Any]) -> str:
+    """What was read, as a short hash: the archives' md5s, or the sorted relative paths and sizes of the files."""
+    import hashlib
+
+    fmt, root = cfg["format"], Path(str(cfg["root"]))
+    digest = hashlib.sha256(f"{cfg['name']}:{fmt}".encode())
+    if fmt == "digits":
+        for split in (True, False):
+            digest.update(digits(split, int(cfg["input_size"])).images.tobytes())
+    elif fmt == "pickle":
+        for name, (md5, _) in sorted(CIFAR[cfg["name"]].md5s(root).items()):
+            digest.update(f"{name}:{md5};".encode())
+    else:
+        folders = [root / "images"] if fmt == "cub" else [root / cfg["train_split"], root / cfg["test_split"]]
+        for folder in folders:
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                digest.update(f"{path.relative_to(root)}:{path.stat().st_size};".encode())
+        for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt") if fmt == "cub" else ():
+            digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:16]

@@ -1,41 +1,101 @@
-"""Repeated augmentation (RSB A1/A2): mmpretrain's RepeatAugSampler, built on timm's.
+"""Which samples each rank sees, in which order, and under which augmentation seed.
 
-Both shuffle the dataset, repeat each index `num_repeats` times in a row ([a, a, a, b, b, b, ...]),
-pad by wrapping around, and give rank r every world-th entry from r, so the copies of an image land
-on consecutive ranks; each rank then keeps only its first ceil(len / world) entries, so an epoch
-still has dataset-size samples in total (about len / num_repeats distinct images, each repeated).
+Every training sampler yields `(index, seed)`: the dataset index and the seed its augmentation runs under,
+a function of (run seed, epoch, the sample's place in the epoch's global order) only. So the images a
+step sees, and their crops, flips and RandAugment ops, do not depend on the world size, the number of
+loader workers, or a restart: a run on 1 process with accumulation equals one on N, and resumes exactly.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 
 import torch
-from timm.data.distributed_sampler import RepeatAugSampler as _TimmRepeatAugSampler
-from torch.utils.data import Dataset
+from torch.utils.data import Sampler
 
 
-class RepeatAugSampler(_TimmRepeatAugSampler):
-    """timm's sampler with the two settings where it differs from mmpretrain's:
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of the sample at `position` of epoch `epoch`'s global order.
 
-    - selected_round=0: timm's default first rounds the dataset size down to a multiple of 256
-      before dividing by the world size; mmpretrain keeps ceil(len / world) per rank.
-    - the shuffle seed: timm seeds its generator with the epoch alone, mmpretrain with
-      seed + epoch (the same on every rank); timm's __iter__ reads `self.epoch`, so `set_epoch`
-      stores seed + epoch there.
+    Two large primes keep (seed, epoch, position) triples apart for any dataset under 10^7 positions.
+    """
+    return (seed * 1_000_003 + epoch) * 10_000_019 + position
 
-    `gpus` and `batch_per_gpu` (optional) emulate the recipe's GPUs on fewer processes: the sampler
-    deals to `gpus` virtual ranks by mmpretrain's rule and this process (owning gpus / num_replicas
-    of them) yields, step by step, the concatenation of its virtual ranks' per-GPU batches. Then each
-    micro-batch of `batch_per_gpu` holds what one recipe GPU saw: the copies of an image stay on
-    different (virtual) GPUs instead of landing in the same BatchNorm batch on a single process.
-    Without them, or when the processes cannot split the GPUs evenly, the processes are the ranks.
+
+class GlobalBatchSampler(Sampler[tuple[int, int]]):
+    """This rank's share of each shuffled global batch, every sample with its own augmentation seed.
+
+    Shuffled and padded like torch's DistributedSampler (seed + epoch), but each global batch is cut
+    into contiguous per-rank slices (DistributedSampler interleaves ranks), so the per-GPU batches of a
+    step are the same on 1 process as on N. The seed's position is the dataset index.
+    """
+
+    def __init__(self, size: int, global_batch: int, world: int, rank: int, seed: int) -> None:
+        self.size, self.global_batch, self.world, self.rank, self.seed = size, global_batch, world, rank, seed
+        self.total = math.ceil(size / world) * world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.total // self.world
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=gen).tolist()
+        order = (order * math.ceil(self.total / self.size))[: self.total]  # pad by repeating the start
+        for start in range(0, self.total, self.global_batch):
+            block = order[start : start + self.global_batch]
+            share = len(block) // self.world
+            for i in block[self.rank * share : (self.rank + 1) * share]:
+                yield i, sample_seed(self.seed, self.epoch, i)
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r evaluates samples r, r+W, r+2W, ... of `indices`: every sample exactly once over all ranks.
+
+    torch's DistributedSampler pads with repeated samples so ranks have equal counts, which would
+    count some images twice in a distributed top-1.
+    """
+
+    def __init__(self, size: int, world: int, rank: int, indices: list[int] | None = None) -> None:
+        self.indices = (indices if indices is not None else list(range(size)))[rank::world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def spread(size: int, count: int | None) -> list[int] | None:
+    """`count` indices evenly spread over range(size) (a fixed subset for limited evaluation); None = all."""
+    if count is None or count >= size:
+        return None
+    return [i * size // count for i in range(count)]
+
+
+class RepeatAugSampler(Sampler[tuple[int, int]]):
+    """Repeated augmentation (RSB A1/A2) by mmpretrain's RepeatAugSampler rule, with per-copy seeds.
+
+    The rule (also timm's): shuffle with seed + epoch, repeat each index `num_repeats` times in a row
+    ([a, a, a, b, b, b, ...]), pad by wrapping around, deal rank r every world-th entry from r, and keep
+    ceil(len / world) entries per rank, so an epoch still has dataset-size samples in total. timm's
+    sampler yields bare indices, so the copies of an image would share an augmentation seed; here each
+    copy's seed is its place in the repeated order, and the 3 copies on 3 GPUs are augmented differently.
+
+    `gpus` and `batch_per_gpu` (optional) emulate the recipe's GPUs on fewer processes: the rule deals to
+    `gpus` virtual ranks and this process (owning gpus / num_replicas of them) yields, step by step, the
+    concatenation of its virtual ranks' per-GPU batches, so each BN group of `batch_per_gpu` holds what
+    one recipe GPU saw. Without them, or when the processes cannot split the GPUs evenly, the processes
+    are the ranks.
     """
 
     def __init__(
         self,
-        dataset: Dataset,
+        dataset: Sized,
         num_replicas: int,
         rank: int,
         num_repeats: int = 3,
@@ -43,36 +103,29 @@ class RepeatAugSampler(_TimmRepeatAugSampler):
         gpus: int | None = None,
         batch_per_gpu: int | None = None,
     ) -> None:
-        super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, num_repeats=num_repeats, selected_round=0
-        )
-        self.seed = int(seed)
-        self.set_epoch(0)
-        self.virtual: tuple[int, int] | None = None
-        if gpus and batch_per_gpu and gpus > num_replicas and gpus % num_replicas == 0:
-            self.virtual = (int(gpus), int(batch_per_gpu))
+        self.size, self.num_replicas, self.rank = len(dataset), num_replicas, rank
+        self.num_repeats, self.seed, self.epoch = num_repeats, int(seed), 0
+        virtual = bool(gpus and batch_per_gpu and gpus > num_replicas and gpus % num_replicas == 0)
+        self.ranks, self.batch = (int(gpus), int(batch_per_gpu)) if virtual else (num_replicas, None)  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = self.seed + int(epoch)
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        if self.virtual is None:
-            return super().__len__()
-        gpus = self.virtual[0]
-        return gpus // self.num_replicas * math.ceil(len(self.dataset) / gpus)
+        return self.ranks // self.num_replicas * math.ceil(self.size / self.ranks)
 
-    def __iter__(self) -> Iterator[int]:
-        if self.virtual is None:
-            return super().__iter__()
-        return iter(self._virtual_indices(*self.virtual))
-
-    def _virtual_indices(self, gpus: int, batch: int) -> list[int]:
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.epoch)).tolist()
-        repeated = [i for i in order for _ in range(self.num_repeats)]
-        total = math.ceil(n * self.num_repeats / gpus) * gpus
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        repeated = [(i, k) for k, i in enumerate(i for i in order for _ in range(self.num_repeats))]
+        total = math.ceil(self.size * self.num_repeats / self.ranks) * self.ranks
         repeated += repeated[: total - len(repeated)]
-        keep = math.ceil(n / gpus)
-        per_proc = gpus // self.num_replicas
-        ranks = [repeated[v:total:gpus][:keep] for v in range(self.rank * per_proc, (self.rank + 1) * per_proc)]
-        return [i for start in range(0, keep, batch) for share in ranks for i in share[start : start + batch]]
+        keep = math.ceil(self.size / self.ranks)
+        per_proc = self.ranks // self.num_replicas
+        mine = [
+            repeated[v : total : self.ranks][:keep] for v in range(self.rank * per_proc, (self.rank + 1) * per_proc)
+        ]
+        batch = self.batch or keep
+        for start in range(0, keep, batch):
+            for share in mine:
+                for i, position in share[start : start + batch]:
+                    yield i, sample_seed(self.seed, self.epoch, position)
