@@ -22,8 +22,8 @@ import os
 import random
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +210,7 @@ class RunFolder:
         files = [p for p in self.path.iterdir() if p.name != ".lock"]
         if not files:
             return None
-        target = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        target = self.path.with_name(f"{self.path.name}.{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}")
         target.mkdir()
         for p in files:
             p.rename(target / p.name)

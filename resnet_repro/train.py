@@ -46,7 +46,7 @@ def run_info(cfg: DictConfig, world: int) -> RunInfo:
     return RunInfo(
         row_name=cfg.row_name,
         config_hash=config_hash(cfg),
-        run_name=run_name(cfg.row_name, int(cfg.seed), devs),
+        run_name=run_name(cfg.row_name, int(cfg.seed), overrides),
         deviations=devs,
         overrides=overrides,
         output_dir=output_dir,
@@ -57,10 +57,16 @@ def run_info(cfg: DictConfig, world: int) -> RunInfo:
     )
 
 
-def run_name(row: str, seed: int, devs: list[str], width: int = 60) -> str:
+# overrides that never change what a run trains: where things are, how it executes, which row it is
+NAMELESS = ("trainer.", "tracking.", "dataset.root", "dataset.download", "seed=", "hydra", "+sweep")
+GROUP_CHOICES = ("model=", "stem=", "dataset=", "recipe=", "precision=", "row=")
+
+
+def run_name(row: str, seed: int, overrides: list[str], width: int = 80) -> str:
     """A name a person can tell apart in the MLflow UI: row, seed and the overrides that change the run."""
-    changes = " ".join(d.split(" (")[0] for d in devs if not d.startswith("custom composition"))
-    name = f"{row} s{seed}" + (f" {changes}" if changes else "")
+    changes = [o for o in overrides if not o.lstrip("+~").startswith(NAMELESS + GROUP_CHOICES)]
+    changes += [o for o in overrides if o.startswith(("trainer.micro_batch", "trainer.limit_"))]
+    name = " ".join([row, f"s{seed}", *changes])
     return name if len(name) <= width else name[: width - 1] + "…"
 
 

@@ -296,6 +296,8 @@ def test_a_kill_then_the_same_command_ends_in_one_finished_run_with_every_epoch_
     assert again.returncode == 0, again.stderr[-3000:]
     (after,) = mlflow_runs(tmp_path)  # the same MLflow run, adopted, not a second one
     assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+    latest = max((tmp_path / "outputs").glob("*/*"))  # the output_dir tag follows the resumed run
+    assert after.data.tags["output_dir"] == str(latest) != run.data.tags["output_dir"]
     for key in EPOCH_METRICS:
         assert len(history(tmp_path, run.info.run_id, key)) == 2, key  # every epoch's metrics, once
     output = again.stdout + again.stderr
