@@ -78,8 +78,8 @@ def plain_step_fn(trainer: Trainer) -> Callable[[torch.Tensor, torch.Tensor], No
     opt = torch.optim.SGD(
         model.parameters(), lr=opt_cfg["lr"], momentum=opt_cfg["momentum"], weight_decay=opt_cfg["weight_decay"]
     )
-    dtype = trainer.autocast_dtype
-    scaler = torch.amp.GradScaler(trainer.device.type) if trainer.scaler is not None else None
+    dtype = trainer.precision.dtype
+    scaler = torch.amp.GradScaler(trainer.device.type) if trainer.precision.scaler is not None else None
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):

@@ -129,7 +129,7 @@ def run_dir(root: str | Path, row_name: str, seed: int, config_hash: str) -> Pat
 class Resume:
     """What the folder says to do: start fresh, continue `path` (epoch < total), or only finish the books."""
 
-    action: str  # "fresh" | "continue" | "finish"
+    action: str  # "fresh" | "continue" (the books only when last.pt is complete) | "warm" (weights only)
     path: Path | None = None
     run_id: str | None = None
 
@@ -229,6 +229,7 @@ class RunFolder:
         finished: Any,
         keep: int,
         trusted: bool,
+        warm_start: bool = False,
     ) -> Resume:
         """Which checkpoint this run continues; what would not be continued is archived (the side effect).
 
@@ -236,7 +237,12 @@ class RunFolder:
         auto: continue last.pt when it is this config's, on the same data, and not complete; a complete
         last.pt whose run was not closed only finishes the books; anything else starts fresh, keeping
         the MLflow run of run.json when the process that opened it died before the first checkpoint.
+        warm_start: a fresh run that starts from the weights of the checkpoint `mode` names.
         """
+        self.repair_best(trusted)
+        if warm_start:
+            self.archive_and_start_fresh(keep)
+            return Resume("warm", Path(mode))
         if mode not in RESUME_MODES:
             return self._explicit(Path(mode), config_hash, trusted)
         run_id = self.read_run_id()

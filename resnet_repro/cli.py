@@ -7,14 +7,12 @@ import os
 from datetime import datetime
 
 from resnet_repro import distributed
-from resnet_repro.config import ConfigError, compose, expand_sweep, user_overrides, validate
+from resnet_repro.config import ConfigError, compose, expand_sweep, hydra_internals, user_overrides, validate
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
     """Raise ConfigError for any job that would fail to compose; return argv, adjusted for torchrun ranks."""
-    # Hydra's own parser (a private module, stable since 1.1) so flags are read exactly as Hydra reads them
-    from hydra._internal.utils import get_args_parser
-
+    get_args_parser, _ = hydra_internals()
     try:
         args = get_args_parser().parse_args(argv)
     except SystemExit:  # a malformed command line: let Hydra print its usage

@@ -7,11 +7,12 @@ is allowed, before any job starts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -159,10 +160,18 @@ def check_overrides(overrides: Sequence[str]) -> None:
                 raise ConfigError(f"{group}={value} is not an option of '{group}'; allowed: {', '.join(allowed)}")
 
 
+def hydra_internals() -> tuple[Callable[[], Any], Any]:
+    """Hydra's command-line parser and basic sweeper, so that a command line is read and expanded exactly as
+    Hydra will. Private modules (stable since Hydra 1.1): the only place that touches hydra._internal."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser, BasicSweeper
+
+
 def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
     """The override list of every job a `--multirun` command line would launch (basic sweeper)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
+    _, BasicSweeper = hydra_internals()  # noqa: N806 - a class
     parsed = [ov for ov in _parse(overrides) if not ov.key_or_group.startswith("hydra")]
     if any(ov.value_type is not None and "GLOB" in ov.value_type.name for ov in parsed):
         return [list(overrides)]
@@ -220,7 +229,7 @@ def deviations(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     row = table_row(cfg)
     if row is None:
         return [f"custom composition {cfg.row_name}"]
-    reference = flatten(identity(compose_row(row.name)))
+    reference = _reference_identity(row.name)
     actual = flatten(identity(cfg))
     diffs = [
         f"{k}={actual.get(k)}"
@@ -229,6 +238,12 @@ def deviations(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     ]
     bn = batch_plan(cfg, world_size).bn_deviation()
     return diffs + ([bn] if bn else [])
+
+
+@functools.cache
+def _reference_identity(row: str) -> dict[str, Any]:
+    """The flattened identity of a row as its preset composes it (composed once per row and process)."""
+    return flatten(identity(compose_row(row)))
 
 
 def batch_plan(cfg: DictConfig, world_size: int | None = None) -> BatchPlan:

@@ -35,6 +35,7 @@ from resnet_repro.losses import build_loss
 from resnet_repro.mixing import build_mixer
 from resnet_repro.models import build_model_from_cfg, count_flops, count_params
 from resnet_repro.optim import build_optimizer, learning_rate, set_lr
+from resnet_repro.precision import Precision
 from resnet_repro.progress import Progress, fmt_time
 from resnet_repro.tracking import Tracker, ui_command
 from resnet_repro.tracking.run import flat_params, provenance_tags
@@ -73,13 +74,44 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def make_scaler(precision: Mapping[str, Any], device: torch.device) -> torch.amp.GradScaler | None:
-    """Dynamic scaling (GradScaler's defaults), or a static scale re-set after every step."""
-    scale = precision["loss_scale"]
-    if scale is None:
+def build_train_model(
+    cfg: Mapping[str, Any], plan: batches.BatchPlan, device: torch.device, channels_last: bool, rank: int
+) -> tuple[nn.Module, int, float]:
+    """The run's model on its device (recipe init, SyncBN or BN groups), its Params and FLOPs (G, rank 0)."""
+    model = build_model_from_cfg(cfg)
+    init = cfg["recipe"].get("init") or {}
+    if init.get("pretrained"):
+        from resnet_repro.convert import load_pretrained
+
+        trusted = bool(cfg["trainer"]["trust_checkpoint"])
+        load_pretrained(model, init["pretrained"], prefix=init.get("prefix"), trusted=trusted)
+    params = count_params(model)  # ptflops knows plain BN layers: count before converting them
+    flops = count_flops(model, int(cfg["dataset"]["input_size"])) / 1e9 if rank == 0 else 0.0
+    if plan.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:  # each group of the recipe's per-GPU batch normalised on its own, in one pass
+        convert_bn_groups(model, plan.bn_group)
+    model.to(device)
+    return (model.to(memory_format=torch.channels_last) if channels_last else model), params, flops
+
+
+def wrap(model: nn.Module, world: int, device: torch.device, compile_mode: Any) -> nn.Module:
+    """DDP across processes, then torch.compile around it when asked (mode: CUDA graphs etc.)."""
+    net: nn.Module = model
+    if world > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_mode is False:
+        return net
+    return torch.compile(net, mode=None if compile_mode is True else str(compile_mode))
+
+
+def build_batch_mixer(cfg: Mapping[str, Any], plan: batches.BatchPlan) -> Any:
+    """Mixup/CutMix of the RSB recipes; mmpretrain mixes each GPU's batch on its own, so partners stay
+    within each BN group (the recipe's per-GPU batch)."""
+    if not cfg["recipe"].get("mixing"):
         return None
-    growth = {} if scale == "dynamic" else {"init_scale": float(scale), "growth_interval": 2**31 - 1}
-    return torch.amp.GradScaler(device.type, **growth)
+    groups = plan.device_batch // plan.bn_group
+    return build_mixer(cfg["recipe"]["mixing"], int(cfg["dataset"]["num_classes"]), chunks=groups)
 
 
 class Trainer:
@@ -97,61 +129,21 @@ class Trainer:
             cfg, batch=self.plan.device_batch, world=self.world, rank=self.rank, workers=workers, device=self.device
         )
         channels_last = self.device.type == "cuda" if tr["channels_last"] == "auto" else bool(tr["channels_last"])
-        self.model = self._build_model(channels_last)
-        self.net = self._wrap(self.model, tr["compile"])
+        self.model, self.params, self.flops = build_train_model(cfg, self.plan, self.device, channels_last, self.rank)
+        self.net = wrap(self.model, self.world, self.device, tr["compile"])
         self.optimizer = build_optimizer(self.model, self.recipe["optimizer"])
         self.criterion = build_loss(self.recipe["loss"])
-        self.mixer = self._build_mixer()
-        self.scaler = make_scaler(cfg["precision"], self.device)
-        dtype = cfg["precision"]["autocast_dtype"]
-        self.autocast_dtype = getattr(torch, dtype) if dtype else None
+        self.mixer = build_batch_mixer(cfg, self.plan)
+        self.precision = Precision(cfg["precision"], self.device)
         self.preprocess = Preprocessor(cfg["dataset"]["mean"], cfg["dataset"]["std"], self.device, channels_last)
         self.tracker = Tracker(cfg["tracking"]["uri"], cfg["tracking"]["experiment"], enabled=self.rank == 0)
         self.epochs, self.start_epoch = int(self.recipe["epochs"]), 0
         self.best_top1, self.best_epoch, self.best_val = float("-inf"), 0, {}
         self.history: dict[int, dict[str, float]] = {}  # epoch -> its metrics, kept in every checkpoint
         self.steps = min(len(self.data.train), tr["limit_train_batches"] or len(self.data.train))
-
-    # ---- construction -------------------------------------------------------------------------
-    def _build_model(self, channels_last: bool) -> nn.Module:
-        model = build_model_from_cfg(self.cfg)
-        init = self.recipe.get("init") or {}
-        if init.get("pretrained"):
-            from resnet_repro.convert import load_pretrained
-
-            trusted = bool(self.cfg["trainer"]["trust_checkpoint"])
-            load_pretrained(model, init["pretrained"], prefix=init.get("prefix"), trusted=trusted)
-        self.params = count_params(model)  # ptflops knows the plain BN layers: count before converting them
-        self.flops = count_flops(model, int(self.cfg["dataset"]["input_size"])) / 1e9 if self.rank == 0 else 0.0
-        if self.plan.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:  # each group of the recipe's per-GPU batch normalised on its own, in one pass
-            convert_bn_groups(model, self.plan.bn_group)
-        model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if channels_last else model
-
-    def _build_mixer(self) -> Any:
-        if not self.recipe.get("mixing"):
-            return None
-        # mmpretrain mixes each GPU's batch on its own: partners stay within each BN group
-        groups = self.plan.device_batch // self.plan.bn_group
-        return build_mixer(self.recipe["mixing"], int(self.cfg["dataset"]["num_classes"]), chunks=groups)
-
-    def _wrap(self, model: nn.Module, compile_mode: Any) -> nn.Module:
-        """DDP across processes, then torch.compile around it when asked (mode: CUDA graphs etc.)."""
-        net: nn.Module = model
-        if self.world > 1:
-            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if compile_mode is False:
-            return net
-        return torch.compile(net, mode=None if compile_mode is True else str(compile_mode))
+        self._eval_seconds = 0.0  # the last evaluation's time, for the run's ETA
 
     # ---- one step -----------------------------------------------------------------------------
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step on this device's share of the global batch; its mean loss, left on the device."""
         x = self.preprocess(images.to(self.device, non_blocking=True))
@@ -168,17 +160,11 @@ class Trainer:
                 if isinstance(self.net, DistributedDataParallel) and i < len(passes) - 1
                 else contextlib.nullcontext()
             )
-            with no_sync, self.autocast():
+            with no_sync, self.precision.autocast():
                 loss = self.criterion(self.net(xp), tp) * (xp.shape[0] / n)  # the device batch's mean
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self.precision.backward(loss)
             loss_sum += loss.detach()
-        if self.scaler is None:
-            self.optimizer.step()
-        else:
-            self.scaler.step(self.optimizer)  # unscales first; skips the step on inf/NaN gradients
-            scale = self.cfg["precision"]["loss_scale"]
-            self.scaler.update(None if scale == "dynamic" else float(scale))
-        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.step(self.optimizer)
         return loss_sum
 
     # ---- epochs -------------------------------------------------------------------------------
@@ -226,8 +212,6 @@ class Trainer:
         bar.report(step, fields, run_left_s=(self.epochs - epoch - 1) * per_epoch)
         self.tracker.log_metrics({"step/train_loss": loss, "step/lr": lr}, step=epoch * self.steps + step)
 
-    _eval_seconds = 0.0
-
     def evaluate(self) -> dict[str, float]:
         """Top-1/top-5 (percent) over the split (or its evenly spread subset): each sample counted once."""
         start = time.perf_counter()
@@ -248,7 +232,7 @@ class Trainer:
             "epoch": self.start_epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "best_val": dict(self.best_val),
@@ -268,8 +252,8 @@ class Trainer:
         if weights_only:  # a warm start: a new run from another run's weights
             return
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        if self.precision.scaler is not None and state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
         self.best_top1, self.best_epoch = float(state["best_top1"]), int(state.get("best_epoch", 0))
         self.best_val, self.history = dict(state.get("best_val", {})), dict(state.get("history", {}))
@@ -329,10 +313,6 @@ class Trainer:
 
     def _choose_resume(self) -> checkpoint.Resume:
         tr = self.cfg["trainer"]
-        self.folder.repair_best(trusted=bool(tr["trust_checkpoint"]))
-        if tr["warm_start"]:
-            self.folder.archive_and_start_fresh(int(tr["keep_archived"]))
-            return checkpoint.Resume("warm", Path(str(tr["resume"])))
         return self.folder.resume_or_archive(
             str(tr["resume"]),
             epochs=self.epochs,
@@ -341,67 +321,36 @@ class Trainer:
             finished=lambda run_id: self.tracker.status(run_id) == "FINISHED",
             keep=int(tr["keep_archived"]),
             trusted=bool(tr["trust_checkpoint"]),
+            warm_start=bool(tr["warm_start"]),
         )
 
     def _start_tracking(self, resume: checkpoint.Resume) -> None:
         """A new MLflow run, or the one this config's folder names (adopted after a kill); run.json records it."""
-        run_id = (
-            resume.run_id if resume.run_id and self.tracker.status(resume.run_id) not in (None, "FINISHED") else None
+        params = {**flat_params(self.cfg), **self.plan.params(), "num_train": self.data.num_train}
+        adopted = self.tracker.open(
+            self.info.run_name,
+            adopt=resume.run_id,
+            tags=run_tags(self),
+            params={**params, "num_val": self.data.num_val},
+            texts={"config/config.yaml": self.info.config_yaml, "config/overrides.yaml": _as_list(self.info.overrides)},
+            resumed_tags={"resumed_at_epoch": self.start_epoch, "output_dir": self.info.output_dir},
         )
-        if run_id is None:
-            self.tracker.start(self.info.run_name, self._tags())
-            self.tracker.log_params(
-                {
-                    **flat_params(self.cfg),
-                    **self.plan.params(),
-                    "num_train": self.data.num_train,
-                    "num_val": self.data.num_val,
-                }
-            )
+        if not adopted:
             self.tracker.log_metrics({"params": self.params, "flops_g": self.flops}, step=0)
-            self.tracker.log_text(self.info.config_yaml, "config/config.yaml")
-            self.tracker.log_text("\n".join(f"- {o}" for o in self.info.overrides) + "\n", "config/overrides.yaml")
-        else:
-            self.tracker.start(self.info.run_name, {}, run_id=run_id)
-            self.tracker.set_tags({"resumed_at_epoch": self.start_epoch, "output_dir": self.info.output_dir})
-        self.tracker.backfill(self.history)
+        self.tracker.backfill(self.history)  # epochs a kill kept from MLflow but not from the checkpoint
         self.folder.write_run_id(self.tracker.run_id or "", self.tracker.uri)
         closed = self.tracker.close_dead_runs(self.info.config_hash, keep=self.tracker.run_id)
+        note = f"; closed {len(closed)} run(s) left RUNNING by dead processes" if closed else ""
         log.info(
             "MLflow run %s (%s): see it with `%s`%s",
             self.tracker.run_id,
             self.info.run_name,
             ui_command(self.tracker.uri),
-            f"; closed {len(closed)} run(s) left RUNNING by dead processes" if closed else "",
+            note,
         )
         if resume.path is not None:
-            log.info(
-                "%s %s at epoch %d",
-                "warm-started from" if resume.action == "warm" else "resumed",
-                resume.path,
-                self.start_epoch,
-            )
-
-    def _tags(self) -> dict[str, Any]:
-        return provenance_tags(
-            row=self.info.row_name,
-            section=self.info.section,
-            config_hash=self.info.config_hash,
-            run_type="train",
-            faithful=str(not self.info.deviations).lower(),
-            deviations="; ".join(self.info.deviations),
-            sweep=self.info.sweep,
-            hydra_overrides=" ".join(self.info.overrides),
-            world_size=self.world,
-            device=str(self.device),
-            device_name=distributed.device_name(self.device),
-            output_dir=self.info.output_dir,
-            checkpoint_dir=str(self.folder.path.resolve()),
-            data_verified=self.data.verified,
-            data_fingerprint=self.info.data_fingerprint,
-            data_on_device=on_device.DRAW_SCHEME if self.data.on_device else "false",
-            val_limited=str(self.data.val_limited).lower(),
-        )
+            how = "warm-started from" if resume.action == "warm" else "resumed"
+            log.info("%s %s at epoch %d", how, resume.path, self.start_epoch)
 
     def _epoch(self, epoch: int) -> None:
         start = time.perf_counter()
@@ -415,18 +364,7 @@ class Trainer:
         self.save(distributed.all_gather_object(checkpoint.rng_state()))  # carries the metrics: a crash loses none
         self.tracker.log_metrics(metrics, step=epoch + 1)
         if self.rank == 0:
-            top5 = f"  top-5 {val['val_top5']:6.2f}" if "val_top5" in val else ""
-            log.info(
-                "epoch %d/%d  loss %.4f  lr %.4g  val top-1 %6.2f%s  %.1f s  %.0f img/s",
-                epoch + 1,
-                self.epochs,
-                train["train_loss"],
-                train["lr"],
-                val["val_top1"],
-                top5,
-                metrics["epoch_time_s"],
-                train["train_img_per_s"],
-            )
+            log.info(epoch_line(epoch + 1, self.epochs, metrics))
 
     def _finish_books(self) -> None:
         """The end of the run: final metrics, FINISHED, artifacts (also all a re-run after a late kill does)."""
@@ -439,6 +377,42 @@ class Trainer:
     def _log_files(self) -> None:
         if self.rank == 0 and self.info.log_file:
             self.tracker.log_file(Path(self.info.log_file), "logs")
+
+
+def run_tags(trainer: Trainer) -> dict[str, Any]:
+    """What a training run records about itself (tracking.run: the names the report reads)."""
+    info, data = trainer.info, trainer.data
+    return provenance_tags(
+        row=info.row_name,
+        section=info.section,
+        config_hash=info.config_hash,
+        run_type="train",
+        faithful=str(not info.deviations).lower(),
+        deviations="; ".join(info.deviations),
+        sweep=info.sweep,
+        hydra_overrides=" ".join(info.overrides),
+        world_size=trainer.world,
+        device=str(trainer.device),
+        device_name=distributed.device_name(trainer.device),
+        output_dir=info.output_dir,
+        checkpoint_dir=str(trainer.folder.path.resolve()),
+        data_verified=data.verified,
+        data_fingerprint=info.data_fingerprint,
+        data_on_device=on_device.DRAW_SCHEME if data.on_device else "false",
+        val_limited=str(data.val_limited).lower(),
+    )
+
+
+def epoch_line(epoch: int, epochs: int, m: Mapping[str, float]) -> str:
+    top5 = f"  top-5 {m['val_top5']:6.2f}" if "val_top5" in m else ""
+    return (
+        f"epoch {epoch}/{epochs}  loss {m['train_loss']:.4f}  lr {m['lr']:.4g}  val top-1 {m['val_top1']:6.2f}{top5}"
+        f"  {m['epoch_time_s']:.1f} s  {m['train_img_per_s']:.0f} img/s"
+    )
+
+
+def _as_list(overrides: list[str]) -> str:
+    return "\n".join(f"- {o}" for o in overrides) + "\n"
 
 
 def summary_line(row: str, result: Mapping[str, Any]) -> str:

@@ -22,14 +22,11 @@ def smooth(target: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:
 
 
 def softmax_ce(eps: float) -> Loss:
-    """Mean over samples of the softmax cross-entropy (torch's label_smoothing is the "original" mode)."""
+    """Mean over samples of the softmax cross-entropy. torch's label_smoothing is mmpretrain's "original"
+    mode for class indices and for soft (mixed) targets alike: target * (1 - eps) + eps / K."""
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return (
-            F.cross_entropy(logits, target, label_smoothing=eps)
-            if target.ndim == 1
-            else F.cross_entropy(logits, smooth(target, logits.shape[1], eps))
-        )
+        return F.cross_entropy(logits, target, label_smoothing=eps)
 
     return loss
 

@@ -24,11 +24,11 @@ Box = tuple[int, int, int, int]  # y1, y2, x1, x2 (half-open)
 
 
 @dataclass
-class MixRecord:
-    """What the last call did (for tests and debugging)."""
+class Mix:
+    """One batch's draw: the op, each image's own-label weight (CutMix: the kept-area fraction), its partner."""
 
     op: str
-    lam: float  # label weight of each image's own label (for CutMix: the kept-area fraction)
+    lam: float
     perm: torch.Tensor
     box: Box | None = None
 
@@ -58,7 +58,6 @@ class BatchMixer:
         if not self.alphas:
             raise ValueError("recipe.mixing needs mixup_alpha > 0 or cutmix_alpha > 0")
         self.num_classes, self.chunks = num_classes, max(1, int(chunks))
-        self.last: MixRecord | None = None
 
     def _partners(self, n: int) -> torch.Tensor:
         if self.chunks == 1 or n % self.chunks:  # a batch that does not split evenly mixes as one
@@ -66,23 +65,31 @@ class BatchMixer:
         size = n // self.chunks
         return (torch.randperm(size) + size * torch.arange(self.chunks)[:, None]).flatten()
 
-    def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(self, n: int, height: int, width: int) -> Mix:
+        """The random choices for a batch of n images, in mmpretrain's order: op and lambda (NumPy), the
+        partners (torch), then the CutMix box (NumPy), whose clipped area corrects lambda."""
         names = list(self.alphas)
         op = names[int(np.random.choice(len(names)))]
         lam = float(np.random.beta(self.alphas[op], self.alphas[op]))
-        perm = self._partners(x.shape[0]).to(x.device)
-        target = F.one_hot(labels, self.num_classes).to(x.dtype)
-        box = None
+        perm = self._partners(n)
         if op == "mixup":
+            return Mix(op, lam, perm)
+        y1, y2, x1, x2 = box = cutmix_box(height, width, lam)
+        return Mix(op, 1.0 - (y2 - y1) * (x2 - x1) / float(height * width), perm, box)  # correct_lam
+
+    def apply(self, x: torch.Tensor, labels: torch.Tensor, mix: Mix) -> tuple[torch.Tensor, torch.Tensor]:
+        perm, lam = mix.perm.to(x.device), mix.lam
+        target = F.one_hot(labels, self.num_classes).to(x.dtype)
+        if mix.box is None:
             x = lam * x + (1.0 - lam) * x[perm]
         else:
-            box = cutmix_box(x.shape[-2], x.shape[-1], lam)
-            y1, y2, x1, x2 = box
+            y1, y2, x1, x2 = mix.box
             x = x.clone()  # do not write into the caller's tensor
             x[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]
-            lam = 1.0 - (y2 - y1) * (x2 - x1) / float(x.shape[-2] * x.shape[-1])  # correct_lam
-        self.last = MixRecord(op, lam, perm, box)
         return x, lam * target + (1.0 - lam) * target[perm]
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(x, labels, self.draw(x.shape[0], x.shape[-2], x.shape[-1]))
 
 
 def build_mixer(mixing_cfg: Mapping[str, Any], num_classes: int, chunks: int = 1) -> Mixer:

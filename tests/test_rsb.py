@@ -124,8 +124,8 @@ def test_mixing_one_op_per_batch_with_label_weights() -> None:
     identity_partners = 0
     for _ in range(300):
         x = torch.randn(n, 3, h, w)
-        out, target = mixer(x.clone(), labels)
-        rec = mixer.last
+        rec = mixer.draw(n, h, w)
+        out, target = mixer.apply(x.clone(), labels, rec)
         counts[rec.op] += 1
         perm = rec.perm
         assert sorted(perm.tolist()) == list(range(n))  # a permutation, not the flipped batch
@@ -158,12 +158,11 @@ def test_mixing_chunks_pair_within_each_emulated_gpu() -> None:
     torch.manual_seed(0)
     mixer = build_mixer({"mixup_alpha": 0.2, "cutmix_alpha": 1.0}, 10, chunks=4)
     for _ in range(20):
-        mixer(torch.randn(12, 3, 8, 8), torch.arange(12) % 10)
-        perm = mixer.last.perm.view(4, 3)
+        perm = mixer.draw(12, 8, 8).perm.view(4, 3)
         assert torch.equal(perm // 3, torch.arange(4)[:, None].expand(4, 3))
         assert torch.equal(perm % 3, (perm % 3)[:1].expand(4, 3))
-    mixer(torch.randn(10, 3, 8, 8), torch.arange(10))  # not divisible (a last partial batch): one pool
-    assert sorted(mixer.last.perm.tolist()) == list(range(10))
+    perm = mixer.draw(10, 8, 8).perm  # not divisible (a last partial batch): one pool
+    assert sorted(perm.tolist()) == list(range(10))
 
 
 def test_cutmix_box_is_clipped_and_weight_recomputed() -> None:

@@ -161,6 +161,29 @@ class Tracker:
             self.run_id = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
         return self.run_id
 
+    def open(
+        self,
+        run_name: str,
+        *,
+        adopt: str | None,
+        tags: Mapping[str, Any],
+        params: Mapping[str, Any],
+        texts: Mapping[str, str],
+        resumed_tags: Mapping[str, Any],
+    ) -> bool:
+        """Continue the run `adopt` when this store has it and it is not FINISHED (a job killed before), tagging
+        it with `resumed_tags`; otherwise start a new run that records `tags`, `params` and the `texts`
+        artifacts. True when a run was adopted."""
+        if adopt is not None and self.status(adopt) not in (None, FINISHED):
+            self.start(run_name, {}, run_id=adopt)
+            self.set_tags(resumed_tags)
+            return True
+        self.start(run_name, tags)
+        self.log_params(params)
+        for artifact, text in texts.items():
+            self.log_text(text, artifact)
+        return False
+
     @retrying
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
