@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from resnet_repro.data import GlobalBatchSampler, ShardSampler, seeded
 from resnet_repro.data import transforms as T
@@ -290,10 +290,10 @@ def test_decoding_refuses_images_of_another_size(tmp_path: Path) -> None:
 
 
 def load_recipe(name: str) -> DictConfig:
-    """conf/recipe/<name>.yaml over its defaults (each file lists `_self_` last)."""
-    cfg = OmegaConf.load(REPO / "conf" / "recipe" / f"{name}.yaml")
-    bases = [load_recipe(base) for base in cfg.pop("defaults", []) if base != "_self_"]
-    return OmegaConf.merge(*bases, cfg)  # type: ignore[return-value]
+    """conf/recipe/<name>.yaml as Hydra composes it (over its defaults)."""
+    from resnet_repro.config import compose
+
+    return compose([f"recipe={name}"]).recipe
 
 
 def test_only_crop_and_flip_pipelines_are_supported() -> None:
