@@ -13,6 +13,7 @@ estimate uses the last epoch.
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -53,8 +54,11 @@ def main() -> None:
             + ", ".join(f"{k} {v:.2f}" for k, v in val.items()),
             flush=True,
         )
+    # a limited epoch (trainer.limit_*_batches) is scaled to the whole split: train steps and eval batches
+    val_batches = math.ceil(len(data.val.dataset) / plan.device_batch)
+    full = (t1 - t0) * len(data.train) / trainer.steps + (t2 - t1) * val_batches / len(data.val)
     epochs = int(cfg.recipe.epochs)
-    print(f"  estimate: {epochs} epochs x {t2 - t0:.1f} s = {fmt_time(epochs * (t2 - t0))} for the full recipe")
+    print(f"  estimate: an epoch of the whole split {full:.0f} s; {epochs} epochs {fmt_time(epochs * full)}")
 
 
 if __name__ == "__main__":

@@ -45,13 +45,12 @@ def _timed(fn, steps: int, device: torch.device) -> float:
 def row_time(row: Row, device: str, steps: int, overrides: list[str]) -> tuple[float, float, int]:
     """(seconds per train step, per eval batch, epochs) of the row's faithful step on synthetic batches."""
     overrides = ["dataset=demo", f"trainer.device={device}", "trainer.num_workers=0", *overrides]
-    cfg = to_plain(compose_row(row.name, overrides))
-    cfg["dataset"]["num_classes"] = row.num_classes
+    cfg = to_plain(compose_row(row.name, overrides))  # the demo's 10 classes: a 100-way head costs the same
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, RunInfo(row_name=row.name, config_hash="benchmark"), RunFolder(Path(tmp)))
     dev, batch = trainer.device, trainer.plan.device_batch
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=dev)
-    labels = torch.randint(0, row.num_classes, (batch,), device=dev)
+    labels = torch.randint(0, 10, (batch,), device=dev)
     step = _timed(lambda: trainer.train_step(images, labels), steps, dev)
     model = trainer.model.eval()
     with torch.no_grad():
