@@ -25,7 +25,7 @@ from resnet_repro import tracking
 from resnet_repro.errors import UserError, exit_with
 from resnet_repro.report import curves, outputs, published, records, render, select
 from resnet_repro.report.records import Record
-from resnet_repro.rows import SECTIONS, all_rows
+from resnet_repro.rows import SECTIONS, all_rows, find_row
 from resnet_repro.tracking import store
 
 DEFAULT_EXPERIMENT = "resnet_repro"  # conf/tracking/default.yaml: experiment
@@ -129,7 +129,7 @@ def curve_files(frame: pd.DataFrame, by_id: Mapping[str, Record], out: Path, fet
                 print("resnet_repro.report:", " ".join(note.splitlines()), file=sys.stderr)
             files[out / "curves" / f"{row.name}.png"] = curves.row_png(row, runs, log, note)
     for run_id, row_name in frame[frame["has_curves"].astype(bool)][["run_id", "row"]].itertuples(index=False):
-        row = select.rows_by_name().get(row_name)
+        row = find_row(row_name)
         files[out / "curves" / "runs" / f"{run_id}.png"] = curves.run_png(by_id[run_id], row)
     return files
 

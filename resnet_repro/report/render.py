@@ -14,7 +14,7 @@ import pandas as pd
 
 from resnet_repro.report import markdown, select
 from resnet_repro.report.markdown import DASH, fmt, fmt_diff
-from resnet_repro.rows import SECTIONS, Row, all_rows
+from resnet_repro.rows import SECTIONS, Row, all_rows, rows_by_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MARKS = "¹²³⁴⁵⁶⁷⁸⁹"
@@ -244,7 +244,7 @@ def section_slug(section: str) -> str:
 # ---- runs of no table row ---------------------------------------------------------------------
 def other_runs_markdown(frame: pd.DataFrame, links: Links) -> str:
     """Runs of custom compositions (demo data, other depths or recipes) or of no row: results/other-runs.md."""
-    runs = frame[~frame["row"].isin(select.rows_by_name())]
+    runs = frame[~frame["row"].isin(rows_by_name())]
     head = "# Other runs (custom compositions, demo data, runs of no table row)"
     if runs.empty:
         return f"{head}\n\nNone.\n"

@@ -28,13 +28,12 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from functools import cache
 from typing import Any
 
 import pandas as pd
 
 from resnet_repro.report.records import Record, row_of
-from resnet_repro.rows import Row, all_rows
+from resnet_repro.rows import Row, rows_by_name
 
 OFFICIAL_DATA_ONLY = ("cifar10", "cifar100")  # datasets whose files the loader can verify (md5)
 SMOKE_KEYS = ("recipe.epochs=", "trainer.limit_train_batches=", "trainer.limit_val_batches=")
@@ -63,11 +62,6 @@ CSV_COLUMNS = [
     "device_hours",
 ]
 EXTRA_COLUMNS = ["params_n", "flops_g", "checkpoint", "source_run_id", "has_curves", "_order", "_start_ms"]
-
-
-@cache
-def rows_by_name() -> dict[str, Row]:
-    return {row.name: row for row in all_rows()}
 
 
 def _num(value: Any) -> float | None:

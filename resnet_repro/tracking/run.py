@@ -18,33 +18,19 @@ What a training run records (the report reads these names):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import platform
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from resnet_repro.errors import UserError
-from resnet_repro.tracking.uri import resolve_uri, retrying, sqlite_path
+from resnet_repro.tracking.uri import PROBE_ENV, mlflow_environ, resolve_uri, retrying, sqlite_path
 
 FINISHED = "FINISHED"
-PROBE_TIMEOUT_S = 5
-
-
-@contextlib.contextmanager
-def _fail_fast() -> Iterator[None]:
-    """A server that does not answer is an error within seconds, not after MLflow's minutes of retries."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(PROBE_TIMEOUT_S))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 class Tracker:
@@ -84,7 +70,7 @@ class Tracker:
     def probe(self) -> None:
         """Check the store answers (a few seconds at most); a UserError naming tracking.uri otherwise."""
         try:
-            with _fail_fast():
+            with mlflow_environ(PROBE_ENV):  # not after minutes of MLflow's retries
                 self.client.search_experiments(max_results=1)
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

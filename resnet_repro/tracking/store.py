@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sqlite3
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -19,14 +18,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 from resnet_repro.errors import UserError
-from resnet_repro.tracking.uri import resolve_uri, retrying, sqlite_path
+from resnet_repro.tracking.uri import PROBE_ENV, mlflow_environ, resolve_uri, retrying, sqlite_path
 
 # the URI schemes MLflow has tracking stores for (its registry, plus SQLAlchemy dialects like postgresql+psycopg2)
 SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 MLFLOW_TABLES = {"experiments", "runs", "metrics", "params", "tags"}
 PAGE = 1000  # runs per search request: the store's own page size, followed by page tokens to the end
-# the first request to a server: one try, a short wait (MLflow's defaults retry for minutes)
-PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # one bar per run's config file is noise
 
 
@@ -62,7 +59,7 @@ def check_store(uri: str) -> None:
         _check_sqlite(uri)
     elif (folder := _folder(uri)) is not None:
         _check_folder(folder)
-    with _environ(PROBE_ENV):  # a server that does not answer is an error now, not after minutes of retries
+    with mlflow_environ(PROBE_ENV):  # a server that does not answer is an error now, not after minutes of retries
         _probe(uri)
 
 
@@ -88,21 +85,6 @@ def _check_folder(folder: Path) -> None:
         raise UserError(f"no MLflow store at {folder} ({'not a folder' if folder.exists() else 'no such folder'})")
     if not (folder / ".trash").is_dir() and not any(folder.glob("*/meta.yaml")):
         raise UserError(f"{folder} is not an MLflow file store (no experiments' meta.yaml in it)")
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    """MLflow's settings are environment variables, read at each call: set some for the calls inside."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _probe(uri: str) -> None:
@@ -175,7 +157,7 @@ def _history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def _artifact_text(client: Any, run_id: str, path: str) -> str | None:
-    with tempfile.TemporaryDirectory() as tmp, _environ(QUIET_ENV):
+    with tempfile.TemporaryDirectory() as tmp, mlflow_environ(QUIET_ENV):
         try:
             local = client.download_artifacts(run_id, path, tmp)
         except Exception:  # absent (evaluation runs, older trainers) or its artifact store is gone: no text

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,3 +58,22 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
                 delay = min(delay * 2, 2.0)
 
     return wrapper
+
+
+# the first request to a server: one try, a short wait (MLflow's defaults retry for minutes)
+PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def mlflow_environ(values: dict[str, str]) -> Iterator[None]:
+    """MLflow's settings are environment variables, read at each call: set some for the calls inside."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
