@@ -142,6 +142,7 @@ class Trainer:
         self.history: dict[int, dict[str, float]] = {}  # epoch -> its metrics, kept in every checkpoint
         self.steps = min(len(self.data.train), tr["limit_train_batches"] or len(self.data.train))
         self._eval_seconds = 0.0  # the last evaluation's time, for the run's ETA
+        self._bn_update: bool | None = None  # what the BN groups were last told (set_update_stats)
 
     # ---- one step -----------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,10 @@ class Trainer:
         passes = list(zip(x.split(size), target.split(size), strict=True))
         loss_sum = torch.zeros((), device=self.device)
         for i, (xp, tp) in enumerate(passes):
-            set_update_stats(self.model, self.rank == 0 and i == 0)  # BN statistics: the recipe's rank 0, group 0
+            update = self.rank == 0 and i == 0  # BN running statistics: the recipe's rank 0, its first group
+            if update != self._bn_update:  # walking the modules only when it changes
+                set_update_stats(self.model, update)
+                self._bn_update = update
             no_sync = (
                 self.net.no_sync()
                 if isinstance(self.net, DistributedDataParallel) and i < len(passes) - 1

@@ -390,3 +390,19 @@ def test_runs_left_running_by_dead_processes_are_closed_and_stale_temporaries_re
     assert run_cli([*R, *train_args(tmp_path)], cwd=tmp_path).returncode == 0
     assert Tracker(f"sqlite:///{tmp_path}/mlflow.db", "resnet_repro").status(orphan) == "KILLED"
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_a_cifar_archive_that_wants_code_run_is_refused(tmp_path: Path, tiny_cifar: Path) -> None:
+    """The CIFAR archives are pickles too: they are read as plain data (dicts, lists, NumPy arrays) only."""
+    import pickle
+
+    from resnet_repro.data.datasets import DataError, cifar
+
+    ds = {"name": "cifar10", "root": str(tiny_cifar), "download": False}
+    assert len(cifar(ds, train=False)) == 20 and cifar(ds, train=True).images.shape == (60, 32, 32, 3)
+    marker = tmp_path / "MARKER"
+    with open(tiny_cifar / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": Hostile(marker), "labels": []}, f)
+    with pytest.raises(DataError, match="refused"):
+        cifar(ds, train=False)
+    assert not marker.exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import torchvision
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.datasets.utils import calculate_md5
+from torchvision.datasets.utils import calculate_md5, download_and_extract_archive
 
 from resnet_repro.errors import UserError
 
@@ -74,36 +75,50 @@ def image_folder(folder: Path) -> FileDataset:
     return FileDataset(samples, classes)
 
 
-class _OfficialCIFAR10(torchvision.datasets.CIFAR10):
-    """torchvision's CIFAR-10 reader, accepting any copy in the official python format.
+class _PlainUnpickler(pickle.Unpickler):
+    """The CIFAR archives are pickles of dicts, lists, strings and NumPy arrays: only those are rebuilt, so a
+    file in that format cannot run code when it is read (torchvision's reader unpickles anything)."""
 
-    torchvision refuses files whose md5 differs from the official release (so a hand-made set in
-    the same format cannot load); here the md5 only decides `verified`, recorded with each run.
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] == "numpy" and name in ("_reconstruct", "ndarray", "dtype", "scalar"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it holds {module}.{name}, not plain data")
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return _PlainUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+        raise DataError(f"{path} is not a CIFAR python archive file ({err}); refused") from None
+
+
+class _OfficialCIFAR10(torchvision.datasets.CIFAR10):
+    """The official python-format archives, by torchvision's file list, read as plain data.
+
+    Any copy in that format loads (torchvision refuses files whose md5 differs from the release, so a
+    hand-made set could not); the md5 only decides `verified`, recorded with each run.
     """
 
     @classmethod
     def present(cls, root: str | Path) -> bool:
         return all((Path(root) / cls.base_folder / name).is_file() for name, _ in cls.train_list + cls.test_list)
 
-    def _check_integrity(self) -> bool:
-        return self.present(self.root)
-
-    def _load_meta(self) -> None:
-        import pickle
-
-        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+    @classmethod
+    def read(cls, root: str | Path, train: bool) -> ArrayDataset:
+        folder = Path(root) / cls.base_folder
+        entries = [_unpickle(folder / name) for name, _ in (cls.train_list if train else cls.test_list)]
+        images = np.vstack([e["data"] for e in entries]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = [label for e in entries for label in (e["labels"] if "labels" in e else e["fine_labels"])]
+        out = ArrayDataset(images, labels, _unpickle(folder / cls.meta["filename"])[cls.meta["key"]])
+        out.verified = all(ours == official for ours, official in cls.md5s(root).values())
+        return out
 
     @classmethod
     def md5s(cls, root: str | Path) -> dict[str, tuple[str, str]]:
         """Each archive member: (its md5, the official release's md5)."""
         files = cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])]
         return {name: (calculate_md5(str(Path(root) / cls.base_folder / name)), md5) for name, md5 in files}
-
-    @property
-    def verified(self) -> bool:
-        return all(ours == official for ours, official in self.md5s(self.root).values())
 
 
 class _OfficialCIFAR100(_OfficialCIFAR10, torchvision.datasets.CIFAR100):
@@ -138,11 +153,10 @@ def ensure_present(cfg: Mapping[str, Any]) -> None:
     url = CIFAR[cfg["name"]].url if fmt == "pickle" else CUB_URL
     created = [p for p in (root, *root.parents) if not p.exists()]
     try:
-        if fmt == "pickle":
-            CIFAR[cfg["name"]](str(root), train=True, download=True)
+        if fmt == "pickle":  # torchvision's address and md5 of the release; read later as plain data
+            cls = CIFAR[cfg["name"]]
+            download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
         else:
-            from torchvision.datasets.utils import download_and_extract_archive
-
             download_and_extract_archive(CUB_URL, str(root.parent), md5=CUB_MD5)
     except (OSError, RuntimeError) as err:  # no network, a refused or partial download
         for folder in created:  # deepest first
@@ -161,10 +175,7 @@ def cifar(cfg: Mapping[str, Any], train: bool) -> ArrayDataset:
             f"no {cfg['name']} python archives in {root / cls.base_folder}; set dataset.download=true, extract "
             f"{cls.filename} into {root}, or use dataset.format=imagefolder"
         )
-    ds = cls(str(root), train=train, download=False)
-    out = ArrayDataset(ds.data, ds.targets, ds.classes)
-    out.verified = ds.verified
-    return out
+    return cls.read(root, train)
 
 
 def cub(cfg: Mapping[str, Any], train: bool) -> FileDataset:
