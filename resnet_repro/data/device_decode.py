@@ -57,6 +57,7 @@ __all__ = [
     "cv2_linear_tables",
     "decode_images",
     "plan_geometry",
+    "reason",
     "resample",
     "resolve",
     "unsupported",
@@ -79,13 +80,10 @@ def unsupported(pipeline: PipelineSpec) -> str | None:
     )
     if names != order or not names or names[0] not in RESIZES:
         return f"its steps are {names}, not [resize step, crop?, hflip?]"
-    for spec in pipeline:
-        spec = dict(spec)
-        if spec["type"] in RESIZES and (spec.get("backend", "cv2"), spec.get("interpolation", "bilinear")) != (
-            "cv2",
-            "bilinear",
-        ):
-            return f"{spec['type']} uses {spec.get('backend', 'cv2')} {spec.get('interpolation', 'bilinear')}"
+    for spec in map(dict, pipeline):
+        backend, interpolation = spec.get("backend", "cv2"), spec.get("interpolation", "bilinear")
+        if spec["type"] in RESIZES and (backend, interpolation) != ("cv2", "bilinear"):
+            return f"{spec['type']} uses {backend} {interpolation}"
         if spec["type"] == "random_crop" and spec.get("padding", 0):
             return "random_crop pads"
     if names[0] == "resize_short" and not any(n in CROPS for n in names):
@@ -248,7 +246,8 @@ class EncodedDataset(Dataset):
         with torch_seeded(seed) if seed is not None else contextlib.nullcontext():
             geometry, out = plan_geometry(self.steps, *size)
         if out != self.out_hw:
-            why = f"image {path} is {size[0]}x{size[1]}: the pipeline makes {out[0]}x{out[1]}, not {self.out_hw}"
+            want = "x".join(map(str, self.out_hw))
+            why = f"image {path} is {size[0]}x{size[1]}: the pipeline makes {out[0]}x{out[1]} of it, not {want}"
             return Item(index, BAD, torch.empty(0, dtype=torch.uint8), geometry, label, why)
         return Item(index, kind, payload, geometry, label, "")
 
@@ -279,8 +278,6 @@ def collate(items: Sequence[Item]) -> EncodedBatch:
 def decode_images(batch: EncodedBatch, device: torch.device, path: Any) -> list[torch.Tensor]:
     """The batch's images as 3 x H x W uint8 RGB on `device`: its JPEGs decoded in one call. `path(index)` names
     a file that fails, in one line (DataError)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     bad = [i for i, kind in enumerate(batch.kinds) if kind == BAD]
     if bad:
         raise DataError(batch.errors[bad[0]])
@@ -288,11 +285,11 @@ def decode_images(batch: EncodedBatch, device: torch.device, path: Any) -> list[
     coded = [i for i, kind in enumerate(batch.kinds) if kind == ENCODED]
     if coded:
         try:
-            images = decode_jpeg([batch.payloads[i] for i in coded], mode=ImageReadMode.RGB, device=device)
+            images = _decode_jpegs([batch.payloads[i] for i in coded], device)
         except RuntimeError:
             for i in coded:  # which one: decode them one by one
                 try:
-                    decode_jpeg(batch.payloads[i], mode=ImageReadMode.RGB, device=device)
+                    _decode_jpegs([batch.payloads[i]], device)
                 except RuntimeError as err:
                     why = str(err).strip().splitlines()[0].rsplit(", ", 1)[-1]
                     path_i = path(int(batch.indices[i]))
@@ -304,6 +301,28 @@ def decode_images(batch: EncodedBatch, device: torch.device, path: Any) -> list[
         if kind == DECODED:
             out[i] = batch.payloads[i].to(device, non_blocking=True).permute(2, 0, 1)
     return out  # type: ignore[return-value]
+
+
+_DECODE_STREAMS: dict[torch.device, Any] = {}
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """decode_jpeg on a list; on CUDA from a stream of its own. torchvision's CUDA decoder allocates its outputs
+    from the current stream's memory but writes them on a private stream not ordered after it, so with the
+    step's kernels still queued it can overwrite memory they are about to read (pytorch/vision#9606, seen on
+    H100). From a stream that has nothing queued and holds no freed blocks of the step, it cannot."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if device.type != "cuda":
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    side = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(side):
+        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    step = torch.cuda.current_stream(device)
+    step.wait_stream(side)
+    for image in images:  # freed later on the step's stream: not reused by a decode before the step is done
+        image.record_stream(step)
+    return images
 
 
 def cv2_linear_tables(
