@@ -65,7 +65,7 @@ SHARES = {  # of --max-seconds, by stage
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="where the device pipeline runs (default: cpu)"
     )
