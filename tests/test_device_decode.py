@@ -293,7 +293,8 @@ def test_wait_clock_leaves_out_the_first_batch_and_advises_once_above_10_percent
     cfg = {"dataset": {"format": "imagefolder"}, "recipe": {**IMAGENET, "sampler": {"repeats": 1}}}
     advice = input_bound_message(timed.fraction(), 3, cfg, 4, "cpu")
     assert "trainer.num_workers (now 4)" in advice and "trainer.decode=device" in advice and "14%" in advice
-    assert "trainer.decode" not in input_bound_message(0.5, 1, cfg, 4, "device")
+    on_device = input_bound_message(0.5, 1, cfg, 4, "device")
+    assert "use trainer.decode" not in on_device and "decode and resample included" in on_device
     assert input_bound_message(0.1, 1, cfg, 4, "cpu") is None
 
 

@@ -3,7 +3,9 @@
 The first batch is left out (it pays the loader's start-up: worker processes, the first reads); the share is
 the time spent in the loader's `next()` over the time since that first batch arrived. On a GPU the CPU runs
 ahead of the device, so a compute-bound run waits in the step (a full launch queue), not here: a high share
-means the input pipeline is what bounds the run.
+means the input pipeline is what bounds the run. With trainer.decode=device the main process decodes and
+resamples each batch inside `next()` (data.device_decode.DecodeLoader), so that work counts as waiting too: on a
+GPU its share is an upper bound of the device's idle time (its kernels may still overlap the previous step's).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def input_bound_message(fraction: float, epoch: int, cfg: Mapping[str, Any], wor
     ways = [f"raise trainer.num_workers (now {workers})"]
     if decode == "cpu" and reason(cfg) is None:
         ways.append("use trainer.decode=device")
+    where = " (with trainer.decode=device: the batch's decode and resample included)" if decode == "device" else ""
     return (
         f"the input pipeline bounds this run: epoch {epoch} waited {fraction:.0%} of its step time for the next "
-        f"batch; {' or '.join(ways)}"
+        f"batch{where}; {' or '.join(ways)}"
     )
