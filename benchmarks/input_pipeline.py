@@ -2,7 +2,7 @@
 pipeline (trainer.decode=device), and the CPU cores each needs to feed one GPU at a given step rate.
 
     python benchmarks/input_pipeline.py                                  # CPU tensors, about 2 minutes
-    python benchmarks/input_pipeline.py --device cuda --json input_pipeline.json --max-seconds 120
+    python benchmarks/input_pipeline.py --device cuda --json results.jsonl --max-seconds 120
 
 On a synthetic ImageNet-like folder (JPEGs of 500 x 375 or 375 x 500 at quality 90, cut from real photos:
 scikit-learn's two and, where installed, scikit-image's) with imagenet-basic-100e's pipelines:
@@ -19,6 +19,10 @@ scikit-learn's two and, where installed, scikit-image's) with imagenet-basic-100
   same samples and seeds (max and mean absolute difference in levels of 255);
 - cores: the step rate / a worker's rate, for either pipeline (the device pipeline also takes the share
   step rate / device rate of each step's time on the device).
+
+--max-seconds bounds the whole run (start-up and the folder included). --json appends one JSON line per case,
+{"stage": "input_pipeline", "case", "status", figures..., "device", "torch"}, as each case ends (the lines of
+benchmarks/gpu_check's results).
 """
 
 from __future__ import annotations
@@ -51,17 +55,19 @@ from resnet_repro.data.samplers import sample_seed
 from resnet_repro.data.transforms import build_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
+STAGE = "input_pipeline"
 # one H100's ResNet-50 step rate, bf16 channels_last, eager, batch 256 (DESIGN.md "Facts already checked")
 H100_R50_BF16_IMG_S = 3980.0
-SHARES = {  # of --max-seconds, by stage
+SHARES = {  # of the time left for measuring, by stage
     "cpu_train": 0.2,
     "cpu_test": 0.1,
     "worker": 0.1,
-    "device": 0.25,
+    "device": 0.3,
     "loop": 0.1,
     "roi_align": 0.1,
     "interpolate": 0.05,
 }
+RESERVE = 0.15  # of the time left: warm-up calls, which are not counted, and the report
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,13 +75,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="where the device pipeline runs (default: cpu)"
     )
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures to FILE")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="append one JSON line per case to FILE")
     parser.add_argument(
         "--max-seconds",
         type=float,
         default=120.0,
         metavar="S",
-        help="time for all measurements together (default 120; making the folder comes on top, a few seconds)",
+        help="time for the whole run, start-up and the synthetic folder included (default 120)",
     )
     parser.add_argument(
         "--step-rate",
@@ -87,6 +93,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--images", type=int, default=64, help="JPEGs in the synthetic folder (default 64)")
     parser.add_argument("--batch", type=int, default=None, help="device batch (default: 256 on cuda, 32 on cpu)")
+    parser.add_argument("--tiny", action="store_true", help="test sizes: 8 JPEGs, batches of 4 (CPU tests)")
     return parser.parse_args()
 
 
@@ -165,86 +172,103 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 # ---- the measurements ----------------------------------------------------------------------------------------
 
 
-def measure(args: argparse.Namespace, base: FileDataset, spec: dict[str, Any]) -> dict[str, Any]:
+class Cases:
+    """The run's figures by case; each case is appended to --json as one line when it ends."""
+
+    def __init__(self, path: Path | None, device: torch.device) -> None:
+        self.path, self.figures = path, {}
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, 1 thread)"
+        self.common = {"device": name, "torch": torch.__version__, "opencv": cv2.__version__}
+
+    def write(self, case: str, status: str = "ok", **figures: Any) -> None:
+        line = {"stage": STAGE, "case": case, "status": status, **figures, **self.common}
+        print(json.dumps(line), flush=True)
+        if status == "ok":
+            self.figures[case] = figures
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+
+def measure(args: argparse.Namespace, base: FileDataset, spec: dict[str, Any], deadline: float) -> Cases:
     device = torch.device(args.device)
+    cases = Cases(args.json, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    batch, n, budget = args.batch, len(base), args.max_seconds
-    train, test = spec["train_pipeline"], spec["test_pipeline"]
+    batch, n = args.batch, len(base)
     keys = [(i, sample_seed(0, 0, i)) for i in range(n)]
-    out: dict[str, Any] = {}
-
-    cpu_train, cpu_test = (
-        TransformedDataset(base, build_pipeline(train)),
-        TransformedDataset(base, build_pipeline(test)),
-    )
-    out["cpu_train_img_s_per_worker"] = rate(one(lambda c: cpu_train[keys[c % n]]), budget * SHARES["cpu_train"])
-    out["cpu_test_img_s_per_worker"] = rate(one(lambda c: cpu_test[c % n]), budget * SHARES["cpu_test"])
-    encoded = EncodedDataset(base, train)
-    out["device_worker_img_s_per_worker"] = rate(one(lambda c: encoded[keys[c % n]]), budget * SHARES["worker"])
-
-    batches = [collate([encoded[keys[(s + j) % n]] for j in range(batch)]) for s in range(0, n, batch)]
+    cpu_train = TransformedDataset(base, build_pipeline(spec["train_pipeline"]))
+    cpu_test = TransformedDataset(base, build_pipeline(spec["test_pipeline"]))
+    encoded = EncodedDataset(base, spec["train_pipeline"])
     out_hw = output_size(encoded.steps)
+    batches = [collate([encoded[keys[(s + j) % n]] for j in range(batch)]) for s in range(0, n, batch)]
     decoded = [decode_images(b, device, encoded.path) for b in batches]
     geometry = [b.geometry.to(device) for b in batches]
-    share = budget * SHARES["device"] / 3
-    out["device_decode_img_s"] = rate(
-        lambda c: len(decode_images(batches[c % len(batches)], device, encoded.path)), share, sync
-    )
-    out["device_resample_img_s"] = rate(
-        lambda c: len(resample(decoded[c % len(batches)], geometry[c % len(batches)], out_hw)), share, sync
-    )
-    loader = DecodeLoader(encoded, keys, batch, 0, device)
-    out["device_pipeline_img_s"] = rate(lambda c: len(loader.images(batches[c % len(batches)])), share, sync)
-
     images, geo = decoded[0], geometry[0]
     exact = resample(images, geo, out_hw)
-    out["resample_per_image_loop_img_s"] = rate(
-        lambda c: sum(len(resample([im], geo[i : i + 1], out_hw)) for i, im in enumerate(images)),
-        budget * SHARES["loop"],
-        sync,
+    cases.write(
+        "fidelity", **fidelity(base, batches, decoded, exact, [cpu_train[keys[i % n]][0] for i in range(batch)])
     )
-    roi = roi_align_resample(images, geo, out_hw)
-    out["roi_align_img_s"] = rate(
-        lambda c: len(roi_align_resample(images, geo, out_hw)), budget * SHARES["roi_align"], sync
+
+    left = max(0.0, deadline - time.monotonic()) * (1 - RESERVE)
+    seconds = {stage: share * left for stage, share in SHARES.items()}
+    cases.write(
+        "CPU pipeline, per worker",
+        train_img_s=rate(one(lambda c: cpu_train[keys[c % n]]), seconds["cpu_train"]),
+        test_img_s=rate(one(lambda c: cpu_test[c % n]), seconds["cpu_test"]),
     )
-    out["roi_align_vs_exact"] = diff(roi, exact)
-    interp = interpolate_resample(images, geo, out_hw)
-    out["interpolate_loop_img_s"] = rate(
-        lambda c: len(interpolate_resample(images, geo, out_hw)), budget * SHARES["interpolate"], sync
+    worker = rate(one(lambda c: encoded[keys[c % n]]), seconds["worker"])
+    loader, k = DecodeLoader(encoded, keys, batch, 0, device), len(batches)
+    cases.write(
+        "device pipeline",
+        worker_img_s=worker,
+        decode_img_s=rate(
+            lambda c: len(decode_images(batches[c % k], device, encoded.path)), seconds["device"] / 3, sync
+        ),
+        resample_img_s=rate(
+            lambda c: len(resample(decoded[c % k], geometry[c % k], out_hw)), seconds["device"] / 3, sync
+        ),
+        total_img_s=rate(lambda c: len(loader.images(batches[c % k])), seconds["device"] / 3, sync),
     )
-    out["interpolate_vs_exact"] = diff(interp, exact)
-    out.update(fidelity(base, encoded, keys, batches, decoded, exact, cpu_train, batch, out_hw, device))
-    out["cores_to_feed_one_gpu"] = {
-        "cpu_pipeline": args.step_rate / out["cpu_train_img_s_per_worker"],
-        "device_pipeline_workers": args.step_rate / out["device_worker_img_s_per_worker"],
-        "device_pipeline_share_of_step_time": args.step_rate / out["device_pipeline_img_s"],
-    }
-    return out
+    roi, interp = roi_align_resample(images, geo, out_hw), interpolate_resample(images, geo, out_hw)
+    cases.write(
+        "resample alternatives",
+        exact_per_image_loop_img_s=rate(
+            lambda c: sum(len(resample([im], geo[i : i + 1], out_hw)) for i, im in enumerate(images)),
+            seconds["loop"],
+            sync,
+        ),
+        roi_align_img_s=rate(lambda c: len(roi_align_resample(images, geo, out_hw)), seconds["roi_align"], sync),
+        roi_align_vs_exact=diff(roi, exact),
+        interpolate_loop_img_s=rate(
+            lambda c: len(interpolate_resample(images, geo, out_hw)), seconds["interpolate"], sync
+        ),
+        interpolate_vs_exact=diff(interp, exact),
+    )
+    cpu, dev = cases.figures["CPU pipeline, per worker"], cases.figures["device pipeline"]
+    cases.write(
+        "cores to feed one GPU",
+        step_rate_img_s=args.step_rate,
+        cpu_pipeline_cores=args.step_rate / cpu["train_img_s"],
+        device_pipeline_cores=args.step_rate / dev["worker_img_s"],
+        device_pipeline_share_of_device_time=args.step_rate / dev["total_img_s"],
+    )
+    return cases
 
 
 def fidelity(
-    base: FileDataset,
-    encoded: EncodedDataset,
-    keys: list[tuple[int, int]],
-    batches: list[Any],
-    decoded: list[list[torch.Tensor]],
-    exact: torch.Tensor,
-    cpu_train: TransformedDataset,
-    batch: int,
-    out_hw: tuple[int, int],
-    device: torch.device,
+    base: FileDataset, batches: list[Any], decoded: list[list[torch.Tensor]], exact: torch.Tensor, cpu: list[Any]
 ) -> dict[str, Any]:
-    """decode_jpeg on this device vs cv2.imdecode; the device pipeline vs the CPU pipeline (same seeds)."""
+    """decode_jpeg on this device vs cv2.imdecode (every image); the device pipeline vs the CPU pipeline (the
+    first batch, same seeds)."""
     worst, total, count = 0, 0.0, 0
     for b, images in zip(batches, decoded, strict=True):
         for index, image in zip(b.indices.tolist(), images, strict=True):
             ref = cv2.cvtColor(cv2.imread(base.samples[index][0]), cv2.COLOR_BGR2RGB)
             d = (image.cpu().permute(1, 2, 0).int() - torch.from_numpy(ref).int()).abs()
             worst, total, count = max(worst, int(d.max())), total + float(d.sum()), count + d.numel()
-    reference = torch.stack([cpu_train[keys[i % len(keys)]][0] for i in range(batch)])
     return {
         "decode_vs_cv2": {"max": worst, "mean": total / count},
-        "device_vs_cpu_pipeline": diff(exact.cpu(), reference),
+        "pipeline_vs_cpu": diff(exact.cpu(), torch.stack(cpu)),
     }
 
 
@@ -276,67 +300,58 @@ def interpolate_resample(images: list[torch.Tensor], geo: torch.Tensor, out_hw: 
 
 
 def main() -> None:
+    begun = time.monotonic()
     args = parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("input_pipeline.py: --device cuda, but torch sees no CUDA device")
+    if args.tiny:
+        args.images, args.batch = 8, 4
     args.batch = args.batch or (256 if args.device == "cuda" else 32)
     torch.set_num_threads(1)  # one loader worker = one core; the device part on CPU tensors too
     cv2.setNumThreads(1)
     spec = yaml.safe_load((REPO / "conf" / "recipe" / "imagenet-basic-100e.yaml").read_text())
-    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        base = make_folder(Path(tmp), args.images)
-        made = time.perf_counter() - start
-        figures = measure(args, base, spec)
-    result = {
-        "device": args.device,
-        "device_name": name,
-        "torch": torch.__version__,
-        "opencv": cv2.__version__,
-        "images": args.images,
-        "batch": args.batch,
-        "step_rate_img_s": args.step_rate,
-        "folder_seconds": made,
-        **figures,
-    }
-    report(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        cases = measure(args, make_folder(Path(tmp), args.images), spec, begun + args.max_seconds)
+    report(args, cases)
 
 
-def report(r: dict[str, Any]) -> None:
-    cores = r["cores_to_feed_one_gpu"]
+def report(args: argparse.Namespace, cases: Cases) -> None:
+    f, common = cases.figures, cases.common
+    cpu, dev, alt, cores = (
+        f[c] for c in ("CPU pipeline, per worker", "device pipeline", "resample alternatives", "cores to feed one GPU")
+    )
+    fid = f["fidelity"]
     print(
-        f"input pipeline of imagenet-basic-100e on {r['device']} ({r['device_name']}), torch {r['torch']}, "
-        f"OpenCV {r['opencv']}; {r['images']} JPEGs of 500 x 375 q90, device batch {r['batch']}"
+        f"\ninput pipeline of imagenet-basic-100e on {args.device} ({common['device']}), torch {common['torch']}, "
+        f"OpenCV {common['opencv']}; {args.images} JPEGs of 500 x 375 q90, device batch {args.batch}\n"
     )
     print("| stage | images/s |\n| :-- | --: |")
-    for key, label in (
-        ("cpu_train_img_s_per_worker", "CPU pipeline, train (decode + RandomResizedCrop + flip), per worker"),
-        ("cpu_test_img_s_per_worker", "CPU pipeline, test (decode + resize 256 + crop 224), per worker"),
-        ("device_worker_img_s_per_worker", "device pipeline, worker share (read + header + draws), per worker"),
-        ("device_decode_img_s", "device: batched decode_jpeg"),
-        ("device_resample_img_s", "device: batched cv2-exact resample"),
-        ("device_pipeline_img_s", "device: decode + resample"),
-        ("resample_per_image_loop_img_s", "resample, per-image loop"),
-        ("roi_align_img_s", "roi_align (padded float batch)"),
-        ("interpolate_loop_img_s", "F.interpolate, per-image loop"),
+    for label, value in (
+        ("CPU pipeline, train (decode + RandomResizedCrop + flip), per worker", cpu["train_img_s"]),
+        ("CPU pipeline, test (decode + resize 256 + crop 224), per worker", cpu["test_img_s"]),
+        ("device pipeline, worker share (read + header + draws), per worker", dev["worker_img_s"]),
+        ("device: batched decode_jpeg", dev["decode_img_s"]),
+        ("device: batched cv2-exact resample", dev["resample_img_s"]),
+        ("device: decode + resample", dev["total_img_s"]),
+        ("cv2-exact resample, image by image", alt["exact_per_image_loop_img_s"]),
+        ("roi_align (padded float batch)", alt["roi_align_img_s"]),
+        ("F.interpolate, image by image", alt["interpolate_loop_img_s"]),
     ):
-        print(f"| {label} | {r[key]:,.0f} |")
+        print(f"| {label} | {value:,.0f} |")
+    roi, interp = alt["roi_align_vs_exact"], alt["interpolate_vs_exact"]
     print(
-        f"resample differences from cv2-exact (max / mean levels): roi_align {r['roi_align_vs_exact']['max']} / "
-        f"{r['roi_align_vs_exact']['mean']:.3f}, F.interpolate {r['interpolate_vs_exact']['max']} / "
-        f"{r['interpolate_vs_exact']['mean']:.3f}"
+        f"\nresample differences from cv2-exact (max / mean levels): roi_align {roi['max']} / {roi['mean']:.3f}, "
+        f"F.interpolate {interp['max']} / {interp['mean']:.3f}"
+    )
+    dec, pipe = fid["decode_vs_cv2"], fid["pipeline_vs_cpu"]
+    print(
+        f"fidelity here: decode_jpeg vs cv2.imdecode {dec['max']} / {dec['mean']:.4f}, device vs CPU pipeline "
+        f"{pipe['max']} / {pipe['mean']:.4f}"
     )
     print(
-        f"fidelity here: decode_jpeg vs cv2.imdecode {r['decode_vs_cv2']['max']} / {r['decode_vs_cv2']['mean']:.4f}, "
-        f"device vs CPU pipeline {r['device_vs_cpu_pipeline']['max']} / {r['device_vs_cpu_pipeline']['mean']:.4f}"
-    )
-    print(
-        f"to feed one GPU at {r['step_rate_img_s']:,.0f} img/s: {cores['cpu_pipeline']:.1f} cores with the CPU "
-        f"pipeline; {cores['device_pipeline_workers']:.1f} cores with the device pipeline, which also takes "
-        f"{cores['device_pipeline_share_of_step_time']:.0%} of the device's time at that rate"
+        f"to feed one GPU at {cores['step_rate_img_s']:,.0f} img/s: {cores['cpu_pipeline_cores']:.1f} cores with "
+        f"the CPU pipeline; {cores['device_pipeline_cores']:.1f} cores with the device pipeline, which also takes "
+        f"{cores['device_pipeline_share_of_device_time']:.0%} of the device's time at that rate"
     )
 
 
