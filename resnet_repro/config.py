@@ -270,6 +270,13 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         raise ConfigError(problem)
     _check_composition(cfg)
     _check_recipe_numbers(cfg)
+    if cfg.trainer.decode == "device":  # on a recipe or dataset the device cannot run?
+        from resnet_repro.data.device_decode import check_setting
+
+        try:
+            check_setting(to_plain(cfg))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     batch_plan(cfg, world_size)
     try:
         distributed.check_device(str(cfg.trainer.device))

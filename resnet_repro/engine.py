@@ -28,6 +28,7 @@ from resnet_repro import batches, checkpoint, distributed
 from resnet_repro.bn_groups import convert_bn_groups, set_update_stats
 from resnet_repro.data import build_data, on_device, resolve_workers
 from resnet_repro.data.preprocess import Preprocessor
+from resnet_repro.data.wait import WaitClock, input_bound_message
 from resnet_repro.errors import UserError
 from resnet_repro.evaluation import topk_accuracy
 from resnet_repro.faults import crash_point
@@ -125,6 +126,7 @@ class Trainer:
         seed_everything(int(cfg["seed"]), bool(tr["deterministic"]))
         self.plan = batches.plan(cfg, self.world, self.device.type == "cuda")
         workers = resolve_workers(tr["num_workers"], distributed.local_world_size())
+        self.workers = workers  # named in the input-bound advice (data.wait)
         self.data = build_data(
             cfg, batch=self.plan.device_batch, world=self.world, rank=self.rank, workers=workers, device=self.device
         )
@@ -143,6 +145,7 @@ class Trainer:
         self.steps = min(len(self.data.train), tr["limit_train_batches"] or len(self.data.train))
         self._eval_seconds = 0.0  # the last evaluation's time, for the run's ETA
         self._bn_update: bool | None = None  # what the BN groups were last told (set_update_stats)
+        self._said_input_bound = False  # the advice of data.wait.input_bound_message is given once
 
     # ---- one step -----------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -179,7 +182,8 @@ class Trainer:
         loss_sum, seen, lr = torch.zeros((), device=self.device, dtype=torch.float64), 0, base_lr
         every = int(self.cfg["trainer"]["log_every_n_steps"])
         bar = Progress(f"epoch {epoch + 1}/{self.epochs}", self.steps, every, enabled=self.rank == 0)
-        for it, (images, labels) in enumerate(islice(self.data.train, self.steps)):
+        batches = WaitClock(islice(self.data.train, self.steps))  # data_wait_frac: time in the loader's next()
+        for it, (images, labels) in enumerate(batches):
             lr = learning_rate(self.recipe["schedule"], base_lr, self.epochs, epoch, it, self.steps)
             set_lr(self.optimizer, lr)
             loss = self.train_step(images, labels)
@@ -189,13 +193,23 @@ class Trainer:
             if step % every == 0 or step == self.steps:  # the same steps on every rank: the check all-reduces
                 self._check_finite(loss_sum, epoch, step)
             if bar.due(step):  # rank 0
-                self._report_step(bar, epoch, step, float(loss_sum) / seen, seen, lr)
+                self._report_step(bar, epoch, step, float(loss_sum) / seen, seen, lr, batches.fraction())
         bar.close()
+        wait = batches.fraction()
+        advice = input_bound_message(wait, epoch + 1, self.cfg, self.workers, self.data.decode)
+        if advice and self.rank == 0 and not self._said_input_bound:
+            log.warning(advice)
+            self._said_input_bound = True
         totals = torch.stack([loss_sum.double(), torch.tensor(float(seen), device=self.device, dtype=torch.float64)])
         if self.world > 1:
             torch.distributed.all_reduce(totals)
         elapsed = bar.elapsed()
-        return {"train_loss": float(totals[0] / totals[1]), "lr": lr, "train_img_per_s": float(totals[1]) / elapsed}
+        return {
+            "train_loss": float(totals[0] / totals[1]),
+            "lr": lr,
+            "train_img_per_s": float(totals[1]) / elapsed,
+            "data_wait_frac": wait,
+        }
 
     def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
         """A NaN or infinite loss stops the run on every rank (reading it syncs: only at reporting points)."""
@@ -208,11 +222,13 @@ class Trainer:
                 f"the run is stopped (lower recipe.optimizer.lr, or use precision=amp-fp16 for dynamic loss scaling)"
             )
 
-    def _report_step(self, bar: Progress, epoch: int, step: int, loss: float, seen: int, lr: float) -> None:
+    def _report_step(
+        self, bar: Progress, epoch: int, step: int, loss: float, seen: int, lr: float, wait: float
+    ) -> None:
         """The progress line (loss, LR, img/s, ETAs of the epoch and the run) and MLflow's step metrics."""
         rate = seen * self.world / bar.elapsed()
         per_epoch = self.steps * bar.elapsed() / step + self._eval_seconds
-        fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}"}
+        fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}", "wait": f"{wait:.0%}"}
         bar.report(step, fields, run_left_s=(self.epochs - epoch - 1) * per_epoch)
         self.tracker.log_metrics({"step/train_loss": loss, "step/lr": lr}, step=epoch * self.steps + step)
 
@@ -403,6 +419,7 @@ def run_tags(trainer: Trainer) -> dict[str, Any]:
         data_verified=data.verified,
         data_fingerprint=info.data_fingerprint,
         data_on_device=on_device.DRAW_SCHEME if data.on_device else "false",
+        decode=data.decode,
         val_limited=str(data.val_limited).lower(),
     )
 

@@ -22,6 +22,12 @@ class Switch(Enum):
     OFF = False
 
 
+class Decode(Enum):
+    AUTO = "auto"  # device on CUDA for the recipes it runs (data.device_decode)
+    CPU = "cpu"
+    DEVICE = "device"
+
+
 class Compile(Enum):
     OFF = False
     DEFAULT = True
@@ -82,6 +88,7 @@ class TrainerSchema:
     micro_batch: int | None = _at_least(1, None)
     forward_batch: int | None = _at_least(1, None)
     data_on_device: Any = _choices(Switch, "auto")
+    decode: str = _choices(Decode, "auto")
     num_workers: Any = "auto"
     channels_last: Any = _choices(Switch, "auto")
     compile: Any = _choices(Compile, False)

@@ -2,7 +2,9 @@
 
 Loaders yield uint8 image batches (N x 3 x H x W) and int64 labels; float conversion, normalisation and
 batch mixing happen on the device (data.preprocess, mixing). Small splits whose pipelines are a padded
-crop and a flip (CIFAR, the demo) can instead live on the device and be augmented there (data.on_device).
+crop and a flip (CIFAR, the demo) can instead live on the device and be augmented there (data.on_device);
+JPEG folders whose pipelines are an OpenCV resize, crop and flip (ImageNet v1b, CUB) can be decoded and
+augmented there, batch by batch (data.device_decode, trainer.decode).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from resnet_repro.data import on_device
+from resnet_repro.data import device_decode, on_device
 from resnet_repro.data.datasets import ArrayDataset, DataError, build_dataset, check_classes, check_readable
 from resnet_repro.data.samplers import GlobalBatchSampler, RepeatAugSampler, ShardSampler, spread
 from resnet_repro.data.transforms import Pipeline, build_pipeline
@@ -83,6 +85,7 @@ class DataBundle:
     verified: bool | None  # CIFAR archives: md5 of the official release matched
     on_device: bool
     val_limited: bool
+    decode: str = "cpu"  # where JPEGs are decoded and augmented: cpu (loader workers) | device (device_decode)
 
 
 def resolve_workers(setting: int | str, processes: int) -> int:
@@ -111,6 +114,9 @@ def build_data(
         on = on_device.DeviceSplit.from_dataset
         train: Any = on_device.DeviceTrainLoader(on(train_set, device, num_workers=workers), sampler, batch, augment)
         val: Any = on_device.DeviceEvalLoader(on(test_set, device, num_workers=workers), shard.indices, batch)
+    elif device_decode.resolve(cfg, device):
+        check_readable(test_set)
+        train, val = _decode_loaders(cfg, train_set, test_set, sampler, shard, batch, workers, device)
     else:
         check_readable(test_set)  # a corrupt test image is found now, not after an epoch of training
         pin = device.type == "cuda"
@@ -126,7 +132,26 @@ def build_data(
         verified=getattr(train_set, "verified", None),
         on_device=isinstance(train, on_device.DeviceTrainLoader),
         val_limited=keep is not None,
+        decode="device" if isinstance(train, device_decode.DecodeLoader) else "cpu",
     )
+
+
+def _decode_loaders(
+    cfg: Mapping[str, Any],
+    train_set: Any,
+    test_set: Any,
+    sampler: Sampler[Any],
+    shard: Sampler[int],
+    batch: int,
+    workers: int,
+    device: torch.device,
+) -> tuple[device_decode.DecodeLoader, device_decode.DecodeLoader]:
+    """trainer.decode=device: workers read bytes and draw; the device decodes and resamples. Evaluation on CUDA
+    decodes with OpenCV on the workers (nvJPEG may differ by a level: evaluation pixels must be exact)."""
+    recipe, loader = cfg["recipe"], device_decode.DecodeLoader
+    train_data = device_decode.EncodedDataset(train_set, recipe["train_pipeline"])
+    test_data = device_decode.EncodedDataset(test_set, recipe["test_pipeline"], decode_here=device.type != "cpu")
+    return loader(train_data, sampler, batch, workers, device), loader(test_data, shard, batch, workers, device)
 
 
 def _keep_on_device(cfg: Mapping[str, Any], train: Dataset, test: Dataset, device: torch.device) -> bool:

@@ -41,7 +41,11 @@ class ArrayDataset(Dataset):
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode with OpenCV (mmpretrain's backend) into RGB; an unreadable file is a DataError naming it."""
-    data = np.fromfile(path, dtype=np.uint8)
+    return decode_bytes(np.fromfile(path, dtype=np.uint8), path)
+
+
+def decode_bytes(data: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """read_image on a file's bytes already read (uint8 array)."""
     img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if img is None:
         raise DataError(f"cannot decode image {path} (corrupt or not an image); remove or replace it")

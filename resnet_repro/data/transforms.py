@@ -67,10 +67,14 @@ class RandomResizedCrop:
         self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
         self.interpolation, self.backend = interpolation, backend
 
-    def __call__(self, img: Array) -> Array:
+    def params(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of the crop, drawn from torch's RNG (shared with data.device_decode's draws)."""
         # get_params reads only the image size: a zero-element tensor of that size stands in for it
-        shape = torch.empty((0, img.shape[0], img.shape[1]))
-        top, left, h, w = _TVRandomResizedCrop.get_params(shape, list(self.scale), list(self.ratio))
+        shape = torch.empty((0, height, width))
+        return tuple(_TVRandomResizedCrop.get_params(shape, list(self.scale), list(self.ratio)))  # type: ignore[return-value]
+
+    def __call__(self, img: Array) -> Array:
+        top, left, h, w = self.params(img.shape[0], img.shape[1])
         crop = img[top : top + h, left : left + w]
         return resize(crop, (self.size, self.size), self.interpolation, self.backend)
 
@@ -81,10 +85,11 @@ class ResizeShort:
     def __init__(self, size: int, interpolation: str = "bilinear", backend: str = "cv2") -> None:
         self.size, self.interpolation, self.backend = int(size), interpolation, backend
 
+    def target(self, h: int, w: int) -> tuple[int, int]:
+        return (self.size, int(self.size * w / h)) if h <= w else (int(self.size * h / w), self.size)
+
     def __call__(self, img: Array) -> Array:
-        h, w = img.shape[:2]
-        target = (self.size, int(self.size * w / h)) if h <= w else (int(self.size * h / w), self.size)
-        return resize(img, target, self.interpolation, self.backend)
+        return resize(img, self.target(*img.shape[:2]), self.interpolation, self.backend)
 
 
 class Resize:
@@ -102,10 +107,11 @@ class CenterCrop:
     def __init__(self, size: int) -> None:
         self.size = int(size)
 
+    def offsets(self, h: int, w: int) -> tuple[int, int]:
+        return max(0, int(round((h - self.size) / 2.0))), max(0, int(round((w - self.size) / 2.0)))
+
     def __call__(self, img: Array) -> Array:
-        h, w = img.shape[:2]
-        top = max(0, int(round((h - self.size) / 2.0)))
-        left = max(0, int(round((w - self.size) / 2.0)))
+        top, left = self.offsets(*img.shape[:2])
         return img[top : top + self.size, left : left + self.size]
 
 
@@ -119,17 +125,23 @@ class RandomCrop:
         if self.padding:
             p = self.padding
             img = cv2.copyMakeBorder(img, p, p, p, p, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-        h, w = img.shape[:2]
-        top, left = _randint(h - self.size), _randint(w - self.size)
+        top, left = self.offsets(*img.shape[:2])
         return img[top : top + self.size, left : left + self.size]
+
+    def offsets(self, h: int, w: int) -> tuple[int, int]:
+        """(top, left) in the padded image of h x w, drawn from torch's RNG."""
+        return _randint(h - self.size), _randint(w - self.size)
 
 
 class HFlip:
     def __init__(self, p: float = 0.5) -> None:
         self.p = float(p)
 
+    def draw(self) -> bool:
+        return torch.rand(1).item() < self.p
+
     def __call__(self, img: Array) -> Array:
-        return img[:, ::-1] if torch.rand(1).item() < self.p else img
+        return img[:, ::-1] if self.draw() else img
 
 
 TRANSFORMS: dict[str, Callable[..., Callable[[Array], Array]]] = {

@@ -7,11 +7,13 @@ Parallel jobs share one SQLite file; every call retries while SQLite reports the
 What a training run records (the report reads these names):
 - tags: row, section, config_hash, faithful ("true"/"false"), deviations, run_type ("train"/"eval"),
   sweep, git_commit, hydra_overrides, world_size, device, device_name, data_verified, data_fingerprint,
-  data_on_device, val_limited, output_dir, checkpoint_dir, pid/host (who writes it), versions
+  data_on_device, val_limited, output_dir, checkpoint_dir, pid/host (who writes it), versions,
+  decode (cpu / device: where JPEGs were decoded and cropped)
 - params: the flattened composed config (recipe.epochs, ...) plus the batch plan (batch_global,
   batch_per_device, batch_forward, batch_micro, bn_group, accum_steps), num_train, num_val
 - metrics per epoch (step = epoch, 1-based): train_loss, lr, val_top1, val_top5 (percent),
-  epoch_time_s, train_img_per_s; every log interval (step = optimizer step): step/train_loss, step/lr;
+  epoch_time_s, train_img_per_s, data_wait_frac (share of step time waiting for the next batch); every log
+  interval (step = optimizer step): step/train_loss, step/lr;
   once: params, flops_g; at the end: best_val_top1, epochs_completed
 - artifacts: config/config.yaml (resolved), config/overrides.yaml, the job's log, best.pt on request
 """
