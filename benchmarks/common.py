@@ -105,8 +105,13 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
+CARRIED = ("hydra", "omegaconf", "antlr4", "ptflops")  # the wheels gpu_check.sh --prepare brings along
+
+
 def missing_import(err: ModuleNotFoundError) -> str:
-    return f"needs the module {err.name!r}, not installed here (bash benchmarks/gpu_check.sh --prepare carries it)"
+    name = str(err.name or err)
+    hint = " (bash benchmarks/gpu_check.sh --prepare carries it)" if name.split(".")[0] in CARRIED else ""
+    return f"needs the module {name!r}, not installed here{hint}"
 
 
 def sync(device: torch.device) -> None:
@@ -122,6 +127,8 @@ def quiet() -> None:
 def existing_overrides(candidates: Sequence[str]) -> list[str]:
     """The `key=value` overrides whose key the composed config has: settings another change adds (trainer.tf32,
     trainer.bn_group_kernel) are passed where the code knows them and left out where it does not yet."""
+    if not candidates:
+        return []
     from omegaconf import OmegaConf
 
     from resnet_repro.config import compose

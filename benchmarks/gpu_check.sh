@@ -8,7 +8,7 @@
 #
 # Installs the carried wheels into a temporary folder when hydra, omegaconf or ptflops are missing, extracts the
 # JPEG copy (default .devcheck/cifar10-jpeg.tar.gz), runs every stage as its own process under a time limit and
-# stops before 9 minutes in all (--budget, default 530 s). Results in DIR (default $GPU_CHECK_OUT, else
+# stops before 9 minutes in all (--budget, default 520 s). Results in DIR (default $GPU_CHECK_OUT, else
 # ./gpu-results): summary.md, results.jsonl, stages.log. Options: python -m benchmarks.gpu_check --help.
 set -uo pipefail
 export GPU_CHECK_T0=${GPU_CHECK_T0:-$(date +%s)}  # the budget counts from here
@@ -62,4 +62,7 @@ if ! "$PY" -c "$NEEDED" 2>/dev/null; then
       "machine first); stages that need them will say so" >&2
   fi
 fi
-exec "$PY" -m benchmarks.gpu_check "$@"
+"$PY" -m benchmarks.gpu_check "$@"
+rc=$?
+[ -n "${site:-}" ] && rm -rf "$(dirname "$site")"
+exit $rc

@@ -60,7 +60,7 @@ def test_driver_survives_a_crash_a_hang_and_the_budget(tmp_path):
         "status": "skipped",
         "reason": "its script is missing",
     }
-    assert by_stage["late"]["status"] == "skipped" and "of the 45 s budget" in by_stage["late"]["reason"]
+    assert by_stage["late"]["status"] == "out of time" and "of the 45 s budget" in by_stage["late"]["reason"]
     child = int((out / "stages.log").read_text().split("===== hang")[1].splitlines()[1])
     assert _dead(child)  # the whole process group was ended
     summary = (out / "summary.md").read_text()
