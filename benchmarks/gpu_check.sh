@@ -15,7 +15,8 @@ export GPU_CHECK_T0=${GPU_CHECK_T0:-$(date +%s)}  # the budget counts from here
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
 PACKAGES=(hydra-core omegaconf antlr4-python3-runtime ptflops)  # imported by the stages, absent from a bare image
-NEEDED="import hydra, omegaconf, antlr4, ptflops"
+# found without importing them (ptflops would import torch: seconds)
+NEEDED="import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('hydra', 'omegaconf', 'antlr4', 'ptflops')))"
 
 version() {  # the version installed here (what the project is tested with), else a known-good one
   "$PY" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || echo "$2"

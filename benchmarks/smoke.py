@@ -196,27 +196,15 @@ class Smoke:
             first_s = time.perf_counter() - t0
             losses, times = smoke_steps(trainer, ref["images"], ref["labels"], self.steps)
             short = short_batch(trainer, ref, deadline) if case.key in SHORT_BATCH else {}
-        tol_loss, tol_grad = TOLERANCE[str(trainer.cfg["precision"]["name"])]
-        loss_rel = abs(loss - ref["loss"]) / max(abs(ref["loss"]), 1e-12)
-        grad_rel, grad_cos, worst = compare_grads(grads, ref["grads"])
-        problems = [
-            *([f"loss differs by {loss_rel:.1e} > {tol_loss:g}"] if not loss_rel <= tol_loss else []),
-            *([f"gradients differ by {grad_rel:.1e} > {tol_grad:g}"] if not grad_rel <= tol_grad else []),
-            *(["a non-finite loss in the steps after"] if not torch.isfinite(torch.stack(losses)).all() else []),
-            *([short.pop("problem")] if "problem" in short else []),
-        ]
+        problems, figures = verdict(str(trainer.cfg["precision"]["name"]), loss, grads, ref, losses)
+        problems += [short.pop("problem")] if "problem" in short else []
         plan, recipe = trainer.plan, trainer.recipe
         rec.write(
             case.name,
             "fail" if problems else "ok",
             batch=f"{recipe['gpus']}x{recipe['batch_per_gpu']}: {plan.accum_steps}x{plan.forward_batch}, "
             f"BN {plan.bn_group}",
-            loss=round(ref["loss"], 5),
-            loss_rel=float(f"{loss_rel:.1e}"),
-            grad_rel=float(f"{grad_rel:.1e}"),
-            grad_cos=round(grad_cos, 6),
-            worst=worst,
-            tol=f"{tol_loss:g}/{tol_grad:g}",
+            **figures,
             setup_s=round(setup_s, 1),
             first_s=round(first_s, 2),
             ms_step=round(statistics.median(times) * 1e3, 2),
@@ -227,6 +215,29 @@ class Smoke:
         )
         del trainer
         release(dev, case.compiled)
+
+
+def verdict(
+    precision: str, loss: float, grads: dict[str, torch.Tensor], ref: dict[str, Any], losses: list[torch.Tensor]
+) -> tuple[list[str], dict[str, Any]]:
+    """What differs from the CPU's first step beyond the precision's tolerance, and the figures that say so."""
+    tol_loss, tol_grad = TOLERANCE[precision]
+    loss_rel = abs(loss - ref["loss"]) / max(abs(ref["loss"]), 1e-12)
+    grad_rel, grad_cos, worst = compare_grads(grads, ref["grads"])
+    problems = [
+        *([f"loss differs by {loss_rel:.1e} > {tol_loss:g}"] if not loss_rel <= tol_loss else []),
+        *([f"gradients differ by {grad_rel:.1e} > {tol_grad:g}"] if not grad_rel <= tol_grad else []),
+        *(["a non-finite loss in the steps after"] if not torch.isfinite(torch.stack(losses)).all() else []),
+    ]
+    figures = {
+        "loss": round(ref["loss"], 5),
+        "loss_rel": float(f"{loss_rel:.1e}"),
+        "grad_rel": float(f"{grad_rel:.1e}"),
+        "grad_cos": round(grad_cos, 6),
+        "worst": worst,
+        "tol": f"{tol_loss:g}/{tol_grad:g}",
+    }
+    return problems, figures
 
 
 @functools.cache
