@@ -1,8 +1,8 @@
 """The recipe's per-GPU BatchNorm in one pass (GroupBatchNorm2d) against plain BN and the micro-batch loop.
 
-    python benchmarks/bn_groups.py                          # CPU, fp32, ResNet-18 CIFAR stem, 32 px, batch 128
-    python benchmarks/bn_groups.py --device cuda --channels-last --compile
-    python benchmarks/bn_groups.py --threads 1 --clock cpu  # a shared CPU: one thread, process CPU time
+    python -m benchmarks.bn_groups                          # CPU, fp32, ResNet-18 CIFAR stem, 32 px, batch 128
+    python -m benchmarks.bn_groups --device cuda --channels-last --compile
+    python -m benchmarks.bn_groups --threads 1 --clock cpu  # a shared CPU: one thread, process CPU time
 
 Each case is a full train step (forward, cross-entropy, backward, SGD step, zero_grad) on the same batch:
 plain BN over the whole batch (fast, not the recipe); BN groups of `--group` in one pass (the recipe's 8 GPUs
@@ -55,19 +55,24 @@ def timer(device: torch.device, clock: str) -> Callable[[], float]:
     return read
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the steps run")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (median over them)")
     parser.add_argument("--iters", type=int, default=2, help="steps per case per round")
     parser.add_argument("--warmup", type=int, default=2, help="steps per case before timing")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=128, help="images per step (the recipe's global batch)")
     parser.add_argument("--group", type=int, default=16, help="images per BN group (the recipe's per-GPU batch)")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile each case's model")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process time, with --threads 1")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.batch % args.group:
         parser.error(f"--group {args.group} does not divide --batch {args.batch}")
     if args.threads:

@@ -1,11 +1,13 @@
 """The trainer's training step against a plain PyTorch loop, same model, batch and device, same process.
 
-    python benchmarks/train_step.py                      # CPU
-    python benchmarks/train_step.py --device cuda        # GPU sizes (b128 CIFAR, b256 @224, bf16 and fp16 too)
+    python -m benchmarks.train_step                      # CPU: faithful, accumulate, r50-b8
+    python -m benchmarks.train_step --device cuda        # faithful (both BN-group kernels), accumulate, r50-bf16
+    python -m benchmarks.train_step --device cuda --cases faithful,compiled,cudagraphs,r18-b512,r50-fp32,r50-fp16
 
 The plain loop is what one writes by hand: float inputs already normalised on the device, forward with
-ordinary BatchNorm over the whole batch, cross-entropy, backward, SGD step (GradScaler for float16). The
-trainer's steps convert the uint8 batch on the device and run the recipe's batch plan:
+ordinary BatchNorm over the whole batch, cross-entropy, backward, SGD step (GradScaler for float16),
+channels_last on a GPU, compiled when the case's trainer is. The trainer's steps convert the uint8 batch on
+the device and run the recipe's batch plan:
 - `faithful` is resnet18_8xb16_cifar10's step: 128 images in one pass, BatchNorm over groups of 16 (the
   recipe's 8 GPUs x 16), BN running statistics from the first group (bn_groups.py);
 - `accumulate` is the same step as 8 forward passes of 16 (trainer.forward_batch=16; how every faithful
@@ -22,49 +24,106 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from resnet_repro.checkpoint import RunFolder
-from resnet_repro.config import compose, to_plain
-from resnet_repro.engine import RunInfo, Trainer
+from benchmarks.common import Deadline, Recorder, existing_overrides, missing_import, quiet, stage_parser, sync
 
-R18 = ["model=resnet18", "stem=cifar", "dataset=demo", "recipe=cifar-200e"]
-R50 = ["model=resnet50", "stem=v1b", "dataset=demo", "recipe=cifar-200e"]
-FAITHFUL = ["recipe.gpus=8", "recipe.batch_per_gpu=16"]
-CASES = {  # name, overrides, input px, batch
-    "cpu": [
-        ("resnet18 CIFAR faithful (BN groups of 16)", [*R18, *FAITHFUL], 32, 128),
-        ("resnet18 CIFAR accumulate (8 passes of 16)", [*R18, *FAITHFUL, "trainer.forward_batch=16"], 32, 128),
-        ("resnet50 @224 b8", [*R50, "recipe.gpus=1", "recipe.batch_per_gpu=8"], 224, 8),
-    ],
-    "cuda": [
-        ("resnet18 CIFAR faithful (BN groups of 16)", [*R18, *FAITHFUL], 32, 128),
-        ("resnet18 CIFAR faithful, compiled", [*R18, *FAITHFUL, "trainer.compile=true"], 32, 128),
-        ("resnet18 CIFAR faithful, CUDA graphs", [*R18, *FAITHFUL, "trainer.compile=reduce-overhead"], 32, 128),
-        ("resnet18 CIFAR accumulate (8 passes of 16)", [*R18, *FAITHFUL, "trainer.forward_batch=16"], 32, 128),
-        ("resnet18 CIFAR b512 bf16", [*R18, "recipe.gpus=1", "recipe.batch_per_gpu=512", "precision=bf16"], 32, 512),
-        ("resnet50 @224 b256 fp32", [*R50, "recipe.gpus=1", "recipe.batch_per_gpu=256"], 224, 256),
-        ("resnet50 @224 b256 bf16", [*R50, "recipe.gpus=1", "recipe.batch_per_gpu=256", "precision=bf16"], 224, 256),
-        (
-            "resnet50 @224 b256 fp16 static 512",
-            [*R50, "recipe.gpus=1", "recipe.batch_per_gpu=256", "precision=amp-fp16-static512"],
-            224,
-            256,
-        ),
-    ],
+R18 = ("model=resnet18", "stem=cifar", "dataset=demo", "recipe=cifar-200e")
+R50 = ("model=resnet50", "stem=v1b", "dataset=demo", "recipe=cifar-200e")
+FAITHFUL = (*R18, "recipe.gpus=8", "recipe.batch_per_gpu=16")
+ONE_GPU = ("recipe.gpus=1",)
+R18_TINY = (*R18, "recipe.gpus=2", "recipe.batch_per_gpu=4")  # --tiny: 8 images, BN groups of 4
+R50_TINY = ("model=resnet18", "stem=v1b", "dataset=demo", "recipe=cifar-200e", *ONE_GPU, "recipe.batch_per_gpu=4")
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    name: str
+    overrides: tuple[str, ...]  # the composition (dataset=demo keeps construction offline; batches are synthetic)
+    px: int
+    tiny: tuple[str, ...]  # --tiny's composition (32 px)
+    optional: tuple[str, ...] = ()  # settings another change adds: the case is skipped where they do not exist
+
+
+CASES = [
+    Case("faithful", "resnet18 CIFAR faithful (BN groups of 16)", FAITHFUL, 32, R18_TINY),
+    Case(
+        "faithful-per-group",
+        "resnet18 CIFAR faithful, per-group BN kernels",
+        FAITHFUL,
+        32,
+        R18_TINY,
+        ("trainer.bn_group_kernel=per-group",),
+    ),
+    Case(
+        "faithful-one-kernel",
+        "resnet18 CIFAR faithful, one-kernel BN",
+        FAITHFUL,
+        32,
+        R18_TINY,
+        ("trainer.bn_group_kernel=one-kernel",),
+    ),
+    Case(
+        "accumulate",
+        "resnet18 CIFAR accumulate (8 passes of 16)",
+        (*FAITHFUL, "trainer.forward_batch=16"),
+        32,
+        (*R18_TINY, "trainer.forward_batch=4"),
+    ),
+    Case("compiled", "resnet18 CIFAR faithful, compiled", (*FAITHFUL, "trainer.compile=true"), 32, R18_TINY),
+    Case(
+        "cudagraphs",
+        "resnet18 CIFAR faithful, CUDA graphs",
+        (*FAITHFUL, "trainer.compile=reduce-overhead"),
+        32,
+        R18_TINY,
+    ),
+    Case(
+        "r18-b512",
+        "resnet18 CIFAR b512 bf16",
+        (*R18, *ONE_GPU, "recipe.batch_per_gpu=512", "precision=bf16"),
+        32,
+        R18_TINY,
+    ),  # fmt: skip
+    Case("r50-b8", "resnet50 @224 b8", (*R50, *ONE_GPU, "recipe.batch_per_gpu=8"), 224, R50_TINY),
+    Case("r50-fp32", "resnet50 @224 b256 fp32", (*R50, *ONE_GPU, "recipe.batch_per_gpu=256"), 224, R50_TINY),
+    Case(
+        "r50-bf16",
+        "resnet50 @224 b256 bf16 channels_last",
+        (*R50, *ONE_GPU, "recipe.batch_per_gpu=256", "precision=bf16"),
+        224,
+        (*R50_TINY, "precision=bf16"),
+    ),
+    Case(
+        "r50-fp16",
+        "resnet50 @224 b256 fp16 static 512",
+        (*R50, *ONE_GPU, "recipe.batch_per_gpu=256", "precision=amp-fp16-static512"),
+        224,
+        (*R50_TINY, "precision=amp-fp16-static512"),
+    ),
+]
+DEFAULT = {
+    "cpu": "faithful,accumulate,r50-b8",
+    "cuda": "faithful,faithful-per-group,faithful-one-kernel,accumulate,r50-bf16",
 }
 
 
-def make_trainer(overrides: list[str], device: str, folder: Path) -> Trainer:
-    # dataset=demo keeps construction offline; the step itself is fed synthetic batches of any size
+def make_trainer(overrides: list[str], device: str, folder: Path) -> Any:
+    from resnet_repro.checkpoint import RunFolder
+    from resnet_repro.config import compose, to_plain
+    from resnet_repro.engine import RunInfo, Trainer
+
     cfg = to_plain(compose([*overrides, f"trainer.device={device}", "trainer.num_workers=0"]))
     return Trainer(cfg, RunInfo(row_name="benchmark", config_hash="benchmark"), RunFolder(folder))
 
 
-def plain_step_fn(trainer: Trainer) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def plain_step_fn(trainer: Any) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """A hand-written loop on a fresh model of the same architecture, ordinary BN, the same optimizer settings."""
     from resnet_repro.models import build_model_from_cfg
 
@@ -97,27 +156,25 @@ def plain_step_fn(trainer: Trainer) -> Callable[[torch.Tensor, torch.Tensor], No
 
 
 def timed(fn: Callable[[], object], iters: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - start) / iters
 
 
-def bench(name: str, overrides: list[str], px: int, batch: int, device: str, iters: int, rounds: int) -> dict:
+def bench(overrides: list[str], px: int, device: str, iters: int, rounds: int, warmup: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(overrides, device, Path(tmp))
-    dev = trainer.device
+    dev, batch = trainer.device, trainer.plan.device_batch
     images = torch.randint(0, 256, (batch, 3, px, px), dtype=torch.uint8, device=dev)
     labels = torch.randint(0, 10, (batch,), device=dev)
     x = trainer.preprocess(images)  # the plain loop gets its input normalised already
     plain = plain_step_fn(trainer)
     ours_fn, plain_fn = (lambda: trainer.train_step(images, labels)), (lambda: plain(x, labels))
     for fn in (ours_fn, plain_fn):
-        timed(fn, max(3, iters), dev)  # warm-up (cudnn autotuning, compilation, CUDA graph capture)
+        timed(fn, warmup, dev)  # cudnn autotuning, compilation, CUDA graph capture
     ours, base = [], []
     for _ in range(rounds):
         ours.append(timed(ours_fn, iters, dev))
@@ -125,32 +182,59 @@ def bench(name: str, overrides: list[str], px: int, batch: int, device: str, ite
     t_ours, t_base = statistics.median(ours), statistics.median(base)
     plan = trainer.plan
     return {
-        "case": name,
-        "plan": f"{plan.accum_steps} pass x {plan.forward_batch}, BN {plan.bn_group}",
-        "plain_ms": 1e3 * t_base,
-        "trainer_ms": 1e3 * t_ours,
-        "speed": t_base / t_ours,
-        "img_s": batch / t_ours,
+        "step": f"{plan.accum_steps} pass x {plan.forward_batch}, BN {plan.bn_group}",
+        "batch": batch,
+        "px": px,
+        "plain_ms": round(1e3 * t_base, 2),
+        "trainer_ms": round(1e3 * t_ours, 2),
+        "speed": round(t_base / t_ours, 3),
+        "img_s": round(batch / t_ours),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+def build_parser() -> argparse.ArgumentParser:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--iters", type=int, default=None, help="steps per case per timed round (default 5; tiny 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating timed rounds, median taken (5; tiny 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps of each loop first (default 3; tiny 1)")
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help=f"comma-separated case keys (default: cpu {DEFAULT['cpu']}; cuda {DEFAULT['cuda']}); "
+        f"all: {', '.join(c.key for c in CASES)}",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet()
+    deadline, dev = Deadline(args.max_seconds), torch.device(args.device)
+    rec = Recorder(args.json, "train_step", dev)
+    known = {c.key: c for c in CASES}
+    keys = (args.cases or DEFAULT[args.device]).split(",")
+    if any(k not in known for k in keys):
+        parser.error(f"unknown case in --cases {args.cases}; allowed: {', '.join(known)}")
+    small = 1 if args.tiny else None
+    iters, rounds, warmup = (args.iters or small or 5), (args.rounds or small or 5), (args.warmup or small or 3)
     torch.backends.cudnn.benchmark = True
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"device: {name}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| case | step | plain ms | trainer ms | speed vs plain | img/s |\n| :-- | :-- | --: | --: | --: | --: |")
-    for case in CASES[args.device]:
-        r = bench(*case, device=args.device, iters=args.iters, rounds=args.rounds)
-        print(
-            f"| {r['case']} | {r['plan']} | {r['plain_ms']:.1f} | {r['trainer_ms']:.1f} | {r['speed']:.3f} "
-            f"| {r['img_s']:,.0f} |",
-            flush=True,
-        )
+    for case in (known[k] for k in keys):
+        if deadline.passed(15):
+            rec.skip(case.name, f"not started: {deadline.left():.0f} s left of --max-seconds")
+            continue
+        try:
+            optional = existing_overrides(case.optional)
+        except ModuleNotFoundError as err:
+            rec.skip(case.name, missing_import(err))
+            continue
+        if len(optional) < len(case.optional):
+            rec.skip(case.name, f"{case.optional[0].split('=')[0]} is not a setting of this version")
+            continue
+        with rec.case(case.name):
+            overrides, px = (list(case.tiny), 32) if args.tiny else (list(case.overrides), case.px)
+            rec.write(case.name, **bench([*overrides, *optional], px, args.device, iters, rounds, warmup))
+    rec.print_table()
 
 
 if __name__ == "__main__":
