@@ -313,7 +313,7 @@ class Trainer:
         self.load_state_dict(state, weights_only=resume.action == "warm")
         rngs = state.get("rng") or []
         if len(rngs) == self.world and resume.action != "warm":
-            checkpoint.set_rng_state(rngs[self.rank])
+            checkpoint.set_rng_state(rngs[self.rank], self.device)
 
     def _choose_resume(self) -> checkpoint.Resume:
         tr = self.cfg["trainer"]
@@ -365,7 +365,8 @@ class Trainer:
         self.history[epoch + 1] = metrics
         if val["val_top1"] > self.best_top1:
             self.best_top1, self.best_epoch, self.best_val = val["val_top1"], epoch + 1, dict(val)
-        self.save(distributed.all_gather_object(checkpoint.rng_state()))  # carries the metrics: a crash loses none
+        rngs = distributed.all_gather_object(checkpoint.rng_state(self.device))
+        self.save(rngs)  # carries the metrics: a crash loses none
         self.tracker.log_metrics(metrics, step=epoch + 1)
         if self.rank == 0:
             log.info(epoch_line(epoch + 1, self.epochs, metrics))
