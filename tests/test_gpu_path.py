@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import sys
 
 import pytest
 import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from resnet_repro import checkpoint
+from resnet_repro.optim import build_optimizer
+from resnet_repro.precision import Precision, set_tf32
 
 
 @pytest.fixture(autouse=True)
@@ -83,3 +89,130 @@ def test_cpu_rng_streams_resume_exactly() -> None:
     checkpoint.set_rng_state(state, torch.device("cpu"))
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+# ---- the fp16 row's static loss scale: skip non-finite steps on the device -----------------------------------
+
+
+class OpLog(TorchDispatchMode):
+    """The aten ops run inside; `syncs` counts those that read a tensor's value on the host (.item(), bool())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def syncs(self) -> int:
+        return sum(op in HOST_READS for op in self.ops)
+
+
+HOST_READS = {"_local_scalar_dense", "is_nonzero", "_unique2", "unique_dim", "nonzero", "masked_select", "bincount"}
+SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, "decay_norm_and_bias": False}
+STATIC_512 = {"loss_scale": 512.0, "autocast_dtype": None}
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5))
+
+
+def scaled_step(
+    model: nn.Module, precision: Precision, optimizer: torch.optim.Optimizer, step: int, inf: bool
+) -> OpLog:
+    gen = torch.Generator().manual_seed(step)
+    x, y = torch.randn(6, 3, 6, 6, generator=gen), torch.randint(0, 5, (6,), generator=gen)
+    precision.backward(nn.functional.cross_entropy(model(x), y))
+    if inf:
+        model[3].weight.grad[1, 2] = float("inf")
+    with OpLog() as log:
+        precision.step(optimizer)
+    return log
+
+
+def test_static_loss_scale_skips_non_finite_steps_without_a_host_sync() -> None:
+    """precision=amp-fp16-static512 against GradScaler(512) over torch's default SGD (mmengine's AmpOptimWrapper
+    with loss_scale=512): a step with an inf gradient leaves the weights and the optimizer state as they were,
+    the run's first step included; finite steps are equal; and no step reads a device value on the host."""
+    ref_model, model = small_net(), small_net()
+    ref_prec, prec = Precision(STATIC_512, torch.device("cpu")), Precision(STATIC_512, torch.device("cpu"))
+    ref_opt, opt = build_optimizer(ref_model, SGD), build_optimizer(model, SGD, fused=True)
+    for step, inf in enumerate([True, False, False, True, False]):
+        before = copy.deepcopy(model.state_dict())
+        ref_log = scaled_step(ref_model, ref_prec, ref_opt, step, inf)
+        log = scaled_step(model, prec, opt, step, inf)
+        assert ref_log.syncs >= 1 and log.syncs == 0, (ref_log.syncs, log.syncs)  # GradScaler's .item() is gone
+        for (name, p_ref), p in zip(ref_model.named_parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-7, msg=name)
+            if inf:
+                assert torch.equal(p, before[name]), name
+            buf, ref_buf = opt.state[p]["momentum_buffer"], ref_opt.state[p_ref].get("momentum_buffer")
+            if ref_buf is None:  # the reference skipped its first step: no buffer yet; here zeros, as good
+                assert step == 0 and not buf.any()
+            else:
+                torch.testing.assert_close(buf, ref_buf, rtol=1e-6, atol=1e-7, msg=name)
+        assert prec.scaler.get_scale() == ref_prec.scaler.get_scale() == 512.0
+
+
+def test_an_unfused_optimizer_checkpoint_resumes_fused() -> None:
+    saved = build_optimizer(small_net(), SGD)
+    model = small_net()
+    opt = build_optimizer(model, SGD, fused=True)
+    opt.load_state_dict(copy.deepcopy(saved.state_dict()))
+    assert all(group["fused"] for group in opt.param_groups)
+    assert all(not opt.state[p]["momentum_buffer"].any() for p in model.parameters())
+    scaled_step(model, Precision(STATIC_512, torch.device("cpu")), opt, 0, inf=False)  # GradScaler hands it found_inf
+
+
+# ---- TF32 ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tf32_flags():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_tf32_setting_reaches_torch_and_the_tag(tf32_flags, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert set_tf32(True, cpu) is False  # no TF32 on a CPU
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    set_tf32(False, cpu)
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False  # torch's defaults
+    capability = {"value": (8, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    assert set_tf32("auto", gpu) is True  # an A100/H100 with torch's defaults: convs in TF32
+    assert torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32  # auto changes nothing
+    assert set_tf32(False, gpu) is False
+    capability["value"] = (7, 0)  # a V100, as the published runs used
+    assert set_tf32(True, gpu) is False
+
+
+# ---- MLflow only where something is tracked ------------------------------------------------------------------
+
+
+def test_a_tracker_that_records_nothing_never_imports_mlflow(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Ranks other than 0 make every call rank 0 makes (Tracker(enabled=False)): none may need MLflow."""
+    from resnet_repro.tracking import Tracker
+
+    for name in [m for m in sys.modules if m == "mlflow" or m.startswith("mlflow.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # any import of mlflow now raises ImportError
+    with pytest.raises(ImportError):
+        from mlflow.entities import Metric  # noqa: F401
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "experiment", enabled=False)
+    assert tracker.open("run", adopt="abc", tags={}, params={"a": 1}, texts={"c.yaml": "x"}, resumed_tags={}) is False
+    tracker.log_params({"a": 1})
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.set_tags({"tf32": "false"})
+    tracker.log_text("text", "a.txt")
+    (tmp_path / "train.log").write_text("log")
+    tracker.log_file(tmp_path / "train.log", "logs")
+    tracker.backfill({1: {"val_top1": 1.0}})
+    tracker.finish("FAILED")
+    assert tracker.run_id is None and not (tmp_path / "mlflow.db").exists()
