@@ -216,3 +216,51 @@ def test_a_tracker_that_records_nothing_never_imports_mlflow(monkeypatch: pytest
     tracker.backfill({1: {"val_top1": 1.0}})
     tracker.finish("FAILED")
     assert tracker.run_id is None and not (tmp_path / "mlflow.db").exists()
+
+
+# ---- host syncs in evaluation and mixing ---------------------------------------------------------------------
+
+
+def cuda_one_hot(labels: torch.Tensor, num_classes: int = -1) -> torch.Tensor:
+    """F.one_hot as CUDA runs it with num_classes given: zeros + scatter, no host check of the label range (the
+    CPU kernel reads min and max on the host; CUDA relies on scatter's device asserts)."""
+    assert num_classes > 0
+    return torch.zeros(*labels.shape, num_classes, dtype=torch.long, device=labels.device).scatter_(
+        -1, labels.unsqueeze(-1), 1
+    )
+
+
+def test_evaluation_reads_no_device_value_until_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """topk_accuracy accumulates on the device: the only host reads are the final top-1 and top-5, whatever the
+    number of batches (torchmetrics' argument checks read the labels every batch); the counts stay exact."""
+    from resnet_repro.data.preprocess import Preprocessor
+    from resnet_repro.evaluation import topk_accuracy
+
+    monkeypatch.setattr(nn.functional, "one_hot", cuda_one_hot)  # top-5's one-hot targets, as on a GPU
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    images = torch.randint(0, 256, (3, 8, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (3, 8))
+    prep = Preprocessor([127.0] * 3, [64.0] * 3, torch.device("cpu"), channels_last=False)
+    with OpLog() as log:
+        top = topk_accuracy(model, list(zip(images, labels, strict=True)), prep, torch.device("cpu"), 10)
+    assert log.syncs == 2, [op for op in log.ops if op in HOST_READS]  # float(top1), float(top5)
+    with torch.no_grad():
+        logits = model(prep(images.flatten(0, 1)))
+    ranks = (logits > logits.gather(1, labels.flatten()[:, None])).sum(1)  # classes scored above the label
+    assert top == {"top1": 100.0 * float((ranks < 1).float().mean()), "top5": 100.0 * float((ranks < 5).float().mean())}
+
+
+def test_mixing_draws_the_partners_on_the_batchs_device() -> None:
+    """The permutation is drawn where the batch is (no CPU draw copied to the GPU each step); the CPU's draws are
+    mmpretrain's torch.randperm(n) stream, unchanged."""
+    from resnet_repro.mixing import build_mixer
+
+    mixer = build_mixer({"mixup_alpha": 0.2, "cutmix_alpha": 1.0}, 10, chunks=4)
+    for n in (12, 10):  # per-GPU chunks, and a batch that does not split into them
+        assert mixer.draw(n, 8, 8, torch.device("meta")).perm.device.type == "meta"
+    torch.manual_seed(3)
+    perm = build_mixer({"mixup_alpha": 0.2}, 10).draw(7, 8, 8, torch.device("cpu")).perm
+    torch.manual_seed(3)
+    assert torch.equal(perm, torch.randperm(7))
