@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import sys
@@ -11,7 +12,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from resnet_repro import checkpoint
+from resnet_repro import batches, checkpoint
+from resnet_repro.bn_groups import convert_bn_groups
+from resnet_repro.losses import build_loss
 from resnet_repro.optim import build_optimizer
 from resnet_repro.precision import Precision, set_tf32
 
@@ -264,3 +267,113 @@ def test_mixing_draws_the_partners_on_the_batchs_device() -> None:
     perm = build_mixer({"mixup_alpha": 0.2}, 10).draw(7, 8, 8, torch.device("cpu")).perm
     torch.manual_seed(3)
     assert torch.equal(perm, torch.randperm(7))
+
+
+# ---- the engine's step: passes at group boundaries, no_sync under any wrapper, one graph for every batch size ----
+
+
+class NoSyncSpy:
+    """Stands for the DDP module: records in which passes the all-reduce was held back."""
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.held += 1
+        yield
+
+
+def bare_trainer(model: nn.Module, groups: int, accum: int, *, compile_net: bool = False, ddp=None):
+    """A Trainer holding only what train_step reads (the full one builds data and MLflow): `groups` per-GPU
+    shares per device batch, in `accum` passes."""
+    from resnet_repro.engine import Trainer
+
+    convert_bn_groups(model, groups=groups // accum)
+    trainer = Trainer.__new__(Trainer)
+    trainer.device, trainer.rank, trainer.mixer, trainer._bn_update = torch.device("cpu"), 0, None, None
+    trainer.preprocess = lambda images: images
+    per_gpu = 4
+    device_batch = groups * per_gpu
+    trainer.plan = batches.BatchPlan(device_batch, 1, device_batch, device_batch // accum, per_gpu, False, per_gpu)
+    trainer.model, trainer.ddp, trainer.compiled = model, ddp, compile_net
+    trainer.net = torch.compile(model) if compile_net else model
+    trainer.precision = Precision({"loss_scale": None, "autocast_dtype": None}, torch.device("cpu"))
+    trainer.criterion = build_loss({"name": "softmax_ce"})
+    trainer.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the step is what is compared, not the update
+    return trainer
+
+
+def grads_of(trainer, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A train step's loss and gradients (before the optimizer's zero_grad)."""
+    grads: list[torch.Tensor] = []
+    step, trainer.optimizer.step = (
+        trainer.optimizer.step,
+        lambda: grads.extend(p.grad.clone() for p in trainer.model.parameters()),
+    )
+    try:
+        loss = trainer.train_step(images, labels)
+    finally:
+        trainer.optimizer.step = step
+    return loss, grads
+
+
+def test_a_short_last_step_is_cut_into_its_per_gpu_shares() -> None:
+    """4 per-GPU shares in 2 accumulation passes: a full step (4 x 4) and the epoch's last (4 x 3) both equal one
+    pass per share (8 passes of 16 in the recipe); the all-reduce is held back in the first pass only."""
+    from tests.test_bn_groups import micro_batch_step, tiny_net
+
+    for n in (16, 12):
+        spy = NoSyncSpy()
+        trainer = bare_trainer(tiny_net(), groups=4, accum=2, ddp=spy)
+        x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(n))
+        y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(n))
+        loss, grads = grads_of(trainer, x, y)
+        reference = tiny_net()
+        expected = micro_batch_step(reference, x, y, 4)
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+        for g, p in zip(grads, reference.parameters(), strict=True):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+        assert spy.held == 1
+
+
+def test_ddp_is_found_inside_the_compiled_wrapper(tmp_path) -> None:
+    import torch.distributed as dist
+
+    from resnet_repro.engine import ddp_of, wrap
+    from tests.test_bn_groups import tiny_net
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        net = wrap(tiny_net(), 2, torch.device("cpu"), "reduce-overhead")  # DDP, then compile around it (lazily)
+        assert isinstance(ddp_of(net), nn.parallel.DistributedDataParallel) and ddp_of(net) is not net
+        assert ddp_of(wrap(tiny_net(), 1, torch.device("cpu"), True)) is None
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_compiled_step_takes_the_short_last_batch_without_recompiling() -> None:
+    """The groups are a count, the batch dimension is dynamic: the last step's 4 x 6 runs the graph compiled for
+    4 x 8 (torch._dynamo's error_on_recompile would raise), with the eager step's numbers. (Sizes a backend
+    guards out still recompile once: inductor's CPU code guards 16 <= batch <= 259.)"""
+    from tests.test_bn_groups import tiny_net
+
+    torch._dynamo.reset()
+    compiled = bare_trainer(tiny_net(), groups=4, accum=1, compile_net=True)
+    for bn in compiled.model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.kernel = "one-kernel"  # the CUDA default, in its compiled form
+    eager = bare_trainer(tiny_net(), groups=4, accum=1)
+    for n in (32, 24):
+        x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(n))
+        y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(n))
+        with torch._dynamo.config.patch(error_on_recompile=n != 32):
+            loss, grads = grads_of(compiled, x, y)
+        ref_loss, ref_grads = grads_of(eager, x, y)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        for g, ref in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
