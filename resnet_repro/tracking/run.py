@@ -7,7 +7,8 @@ Parallel jobs share one SQLite file; every call retries while SQLite reports the
 What a training run records (the report reads these names):
 - tags: row, section, config_hash, faithful ("true"/"false"), deviations, run_type ("train"/"eval"),
   sweep, git_commit, hydra_overrides, world_size, device, device_name, data_verified, data_fingerprint,
-  data_on_device, val_limited, output_dir, checkpoint_dir, pid/host (who writes it), versions
+  data_on_device, val_limited, tf32 (fp32 convs/matmuls may use TF32), bn_group_kernel, output_dir,
+  checkpoint_dir, pid/host (who writes it), versions
 - params: the flattened composed config (recipe.epochs, ...) plus the batch plan (batch_global,
   batch_per_device, batch_forward, batch_micro, bn_group, accum_steps), num_train, num_val
 - metrics per epoch (step = epoch, 1-based): train_loss, lr, val_top1, val_top5 (percent),
