@@ -1,9 +1,10 @@
 """Which samples each rank sees, in which order, and under which augmentation seed.
 
 Every training sampler yields `(index, seed)`: the dataset index and the seed its augmentation runs under,
-a function of (run seed, epoch, the sample's place in the epoch's global order) only. So the images a
-step sees, and their crops, flips and RandAugment ops, do not depend on the world size, the number of
-loader workers, or a restart: a run on 1 process with accumulation equals one on N, and resumes exactly.
+a function of (run seed, epoch, the sample's dataset index or, for repeated copies, its place in the
+repeated order) only. So the images a step sees, how they split into the recipe's per-GPU batches, and their
+crops, flips and RandAugment ops do not depend on the world size (any dividing the recipe's GPUs), the number
+of loader workers, or a restart: a run on 1 process with accumulation equals one on N, and resumes exactly.
 """
 
 from __future__ import annotations
