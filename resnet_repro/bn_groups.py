@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 KERNELS = ("per-group", "one-kernel")
 
@@ -162,7 +163,7 @@ def resolve_kernel(setting: str, device: torch.device) -> str:
     return _check_kernel(setting)
 
 
-def _swap(bn: nn.BatchNorm2d, cls: type[nn.BatchNorm2d], **extra: Any) -> nn.BatchNorm2d:
+def _swap(bn: nn.BatchNorm2d, cls: type[_BatchNorm], **extra: Any) -> _BatchNorm:
     """A `cls` sharing `bn`'s Parameter and buffer objects (like SyncBatchNorm.convert_sync_batchnorm)."""
     hyper = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine, "track_running_stats": bn.track_running_stats}
     new = cls(bn.num_features, **extra, **hyper, device="meta")  # no storage: bn's tensors replace them below
