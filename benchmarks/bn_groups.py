@@ -87,7 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     passes = args.batch // args.group
     cases = {
         f"plain BN, batch {args.batch}": (base, 1),
-        f"BN groups of {args.group}, one pass": (convert_bn_groups(copy.deepcopy(base), args.group), 1),
+        **{
+            f"BN groups of {args.group}, one pass, {kernel}": (
+                convert_bn_groups(copy.deepcopy(base), groups=passes, kernel=kernel),
+                1,
+            )
+            for kernel in ("per-group", "one-kernel")
+        },
         f"micro-batches, {passes} x {args.group}": (base, passes),
     }
     steps: dict[str, Step] = {}

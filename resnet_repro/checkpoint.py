@@ -98,7 +98,9 @@ def write_json_atomic(obj: Any, path: Path) -> None:
 
 
 # ---- RNG states in types weights_only accepts ------------------------------------------------------
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's RNG states: Python, NumPy, torch's CPU generator and, on a CUDA `device`, that device's
+    generator only (a list of every visible GPU's would not restore where fewer GPUs are visible)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -106,18 +108,29 @@ def rng_state() -> dict[str, Any]:
         "numpy_gauss": (int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what rng_state saved; the CUDA generator of `device` when both the state and the device have one.
+
+    Checkpoints written before held a list of every visible GPU's state (`get_rng_state_all`): the entry of
+    `device`'s index is this rank's own (each rank used its local GPU), and it is taken when the list has it."""
     random.setstate(state["python"])
     npy = state["numpy"]
     np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], *state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if device is None or device.type != "cuda" or cuda is None:
+        return
+    if isinstance(cuda, list | tuple):  # the old form
+        index = device.index or 0
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 # ---- the folder of one config ---------------------------------------------------------------------

@@ -25,7 +25,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from resnet_repro import batches, checkpoint, distributed
-from resnet_repro.bn_groups import convert_bn_groups, set_update_stats
+from resnet_repro.bn_groups import (
+    GroupBatchNorm2d,
+    convert_bn_groups,
+    convert_sync_bn,
+    resolve_kernel,
+    set_update_stats,
+)
 from resnet_repro.data import build_data, on_device, resolve_workers
 from resnet_repro.data.preprocess import Preprocessor
 from resnet_repro.data.wait import WaitClock, input_bound_message
@@ -36,7 +42,7 @@ from resnet_repro.losses import build_loss
 from resnet_repro.mixing import build_mixer
 from resnet_repro.models import build_model_from_cfg, count_flops, count_params
 from resnet_repro.optim import build_optimizer, learning_rate, set_lr
-from resnet_repro.precision import Precision
+from resnet_repro.precision import Precision, set_tf32
 from resnet_repro.progress import Progress, fmt_time
 from resnet_repro.tracking import Tracker, ui_command
 from resnet_repro.tracking.run import flat_params, provenance_tags
@@ -78,7 +84,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def build_train_model(
     cfg: Mapping[str, Any], plan: batches.BatchPlan, device: torch.device, channels_last: bool, rank: int
 ) -> tuple[nn.Module, int, float]:
-    """The run's model on its device (recipe init, SyncBN or BN groups), its Params and FLOPs (G, rank 0)."""
+    """The run's model on its device (recipe init, SyncBN or BN groups), its Params and FLOPs (G, rank 0).
+
+    BN groups: each forward pass holds `plan.bn_groups_per_pass` groups (the recipe's per-GPU shares, of equal
+    size in every step, the short last one too), in the `trainer.bn_group_kernel` form."""
     model = build_model_from_cfg(cfg)
     init = cfg["recipe"].get("init") or {}
     if init.get("pretrained"):
@@ -88,10 +97,11 @@ def build_train_model(
         load_pretrained(model, init["pretrained"], prefix=init.get("prefix"), trusted=trusted)
     params = count_params(model)  # ptflops knows plain BN layers: count before converting them
     flops = count_flops(model, int(cfg["dataset"]["input_size"])) / 1e9 if rank == 0 else 0.0
-    if plan.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if plan.sync_bn:  # running statistics from one pass per step, as the BN groups' (bn_groups.GatedSyncBatchNorm)
+        model = convert_sync_bn(model)
     else:  # each group of the recipe's per-GPU batch normalised on its own, in one pass
-        convert_bn_groups(model, plan.bn_group)
+        kernel = resolve_kernel(str(cfg["trainer"]["bn_group_kernel"]), device)
+        convert_bn_groups(model, groups=plan.bn_groups_per_pass, kernel=kernel)
     model.to(device)
     return (model.to(memory_format=torch.channels_last) if channels_last else model), params, flops
 
@@ -104,6 +114,12 @@ def wrap(model: nn.Module, world: int, device: torch.device, compile_mode: Any) 
     if compile_mode is False:
         return net
     return torch.compile(net, mode=None if compile_mode is True else str(compile_mode))
+
+
+def ddp_of(net: nn.Module) -> DistributedDataParallel | None:
+    """The DDP module inside what `wrap` returned (torch.compile hides it), for `no_sync`; None without DDP."""
+    inner = getattr(net, "_orig_mod", net)
+    return inner if isinstance(inner, DistributedDataParallel) else None
 
 
 def build_batch_mixer(cfg: Mapping[str, Any], plan: batches.BatchPlan) -> Any:
@@ -124,6 +140,7 @@ class Trainer:
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.device = distributed.select_device(tr["device"])
         seed_everything(int(cfg["seed"]), bool(tr["deterministic"]))
+        self.tf32 = set_tf32(tr["tf32"], self.device)
         self.plan = batches.plan(cfg, self.world, self.device.type == "cuda")
         workers = resolve_workers(tr["num_workers"], distributed.local_world_size())
         self.workers = workers  # named in the input-bound advice (data.wait)
@@ -133,10 +150,18 @@ class Trainer:
         channels_last = self.device.type == "cuda" if tr["channels_last"] == "auto" else bool(tr["channels_last"])
         self.model, self.params, self.flops = build_train_model(cfg, self.plan, self.device, channels_last, self.rank)
         self.net = wrap(self.model, self.world, self.device, tr["compile"])
-        self.optimizer = build_optimizer(self.model, self.recipe["optimizer"])
+        self.ddp, self.compiled = ddp_of(self.net), tr["compile"] is not False
+        if tr["compile"] == "reduce-overhead" and self.world > 1 and self.rank == 0:
+            log.warning(
+                "trainer.compile=reduce-overhead under DDP: inductor runs graphs that update BatchNorm buffers "
+                "without CUDA graphs (pytorch/pytorch#139207); here only rank 0's first pass per step updates them"
+            )
+        self.precision = Precision(cfg["precision"], self.device)
+        # under a loss scaler, SGD fused: the skip of a non-finite step is decided on the device (precision.py)
+        fused = self.precision.scaler is not None
+        self.optimizer = build_optimizer(self.model, self.recipe["optimizer"], fused=fused)
         self.criterion = build_loss(self.recipe["loss"])
         self.mixer = build_batch_mixer(cfg, self.plan)
-        self.precision = Precision(cfg["precision"], self.device)
         self.preprocess = Preprocessor(cfg["dataset"]["mean"], cfg["dataset"]["std"], self.device, channels_last)
         self.tracker = Tracker(cfg["tracking"]["uri"], cfg["tracking"]["experiment"], enabled=self.rank == 0)
         self.epochs, self.start_epoch = int(self.recipe["epochs"]), 0
@@ -149,24 +174,26 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on this device's share of the global batch; its mean loss, left on the device."""
+        """One optimizer step on this device's share of the global batch; its mean loss, left on the device.
+
+        The batch is whole per-GPU shares of one size (data.samplers), so `accum_steps` equal passes cut it at
+        group boundaries, the epoch's short last step too."""
         x = self.preprocess(images.to(self.device, non_blocking=True))
         target = labels.to(self.device, non_blocking=True)
         if self.mixer is not None:
             x, target = self.mixer(x, target)
-        n, size = x.shape[0], self.plan.forward_batch
-        passes = list(zip(x.split(size), target.split(size), strict=True))
+        n, k = x.shape[0], self.plan.accum_steps
+        passes = list(zip(x.tensor_split(k), target.tensor_split(k), strict=True))
         loss_sum = torch.zeros((), device=self.device)
         for i, (xp, tp) in enumerate(passes):
             update = self.rank == 0 and i == 0  # BN running statistics: the recipe's rank 0, its first group
             if update != self._bn_update:  # walking the modules only when it changes
                 set_update_stats(self.model, update)
                 self._bn_update = update
-            no_sync = (
-                self.net.no_sync()
-                if isinstance(self.net, DistributedDataParallel) and i < len(passes) - 1
-                else contextlib.nullcontext()
-            )
+            if self.compiled:  # one graph for every batch size: the short last step does not recompile
+                torch._dynamo.maybe_mark_dynamic(xp, 0)
+            # accumulation passes keep their gradients local (DDP's no_sync, also under torch.compile)
+            no_sync = self.ddp.no_sync() if self.ddp is not None and i < len(passes) - 1 else contextlib.nullcontext()
             with no_sync, self.precision.autocast():
                 loss = self.criterion(self.net(xp), tp) * (xp.shape[0] / n)  # the device batch's mean
             self.precision.backward(loss)
@@ -329,7 +356,7 @@ class Trainer:
         self.load_state_dict(state, weights_only=resume.action == "warm")
         rngs = state.get("rng") or []
         if len(rngs) == self.world and resume.action != "warm":
-            checkpoint.set_rng_state(rngs[self.rank])
+            checkpoint.set_rng_state(rngs[self.rank], self.device)
 
     def _choose_resume(self) -> checkpoint.Resume:
         tr = self.cfg["trainer"]
@@ -381,7 +408,8 @@ class Trainer:
         self.history[epoch + 1] = metrics
         if val["val_top1"] > self.best_top1:
             self.best_top1, self.best_epoch, self.best_val = val["val_top1"], epoch + 1, dict(val)
-        self.save(distributed.all_gather_object(checkpoint.rng_state()))  # carries the metrics: a crash loses none
+        rngs = distributed.all_gather_object(checkpoint.rng_state(self.device))
+        self.save(rngs)  # carries the metrics: a crash loses none
         self.tracker.log_metrics(metrics, step=epoch + 1)
         if self.rank == 0:
             log.info(epoch_line(epoch + 1, self.epochs, metrics))
@@ -421,6 +449,8 @@ def run_tags(trainer: Trainer) -> dict[str, Any]:
         data_on_device=on_device.DRAW_SCHEME if data.on_device else "false",
         decode=data.decode,
         val_limited=str(data.val_limited).lower(),
+        tf32=str(trainer.tf32).lower(),
+        bn_group_kernel=next((m.kernel for m in trainer.model.modules() if isinstance(m, GroupBatchNorm2d)), "none"),
     )
 
 

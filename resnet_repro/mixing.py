@@ -6,7 +6,10 @@ mmpretrain pairs with a random permutation (so an image can be its own partner),
 batches (the last, partial batch of an epoch can be odd), its CutMix box is one pixel taller/wider
 for odd cut sizes (cy + (cut+1)//2 vs mmpretrain's cy + cut//2), and it folds label smoothing into the
 target (here the loss smooths, as mmpretrain's LabelSmoothLoss does).
-Randomness follows mmpretrain: op choice, lambda and box from NumPy, the permutation from torch.
+Randomness follows mmpretrain: op choice, lambda and box from NumPy, the permutation from torch. The
+permutation is drawn on the batch's device (a CPU draw would be copied to the GPU inside every step, a
+host-device round trip): on a CPU the same draws as mmpretrain's `torch.randperm(n)`, on a GPU from that
+device's generator (seeded by the run's seed and saved in checkpoints), an equally uniform permutation.
 """
 
 from __future__ import annotations
@@ -59,26 +62,27 @@ class BatchMixer:
             raise ValueError("recipe.mixing needs mixup_alpha > 0 or cutmix_alpha > 0")
         self.num_classes, self.chunks = num_classes, max(1, int(chunks))
 
-    def _partners(self, n: int) -> torch.Tensor:
+    def _partners(self, n: int, device: torch.device | None) -> torch.Tensor:
         if self.chunks == 1 or n % self.chunks:  # a batch that does not split evenly mixes as one
-            return torch.randperm(n)
+            return torch.randperm(n, device=device)
         size = n // self.chunks
-        return (torch.randperm(size) + size * torch.arange(self.chunks)[:, None]).flatten()
+        offsets = size * torch.arange(self.chunks, device=device)[:, None]
+        return (torch.randperm(size, device=device) + offsets).flatten()
 
-    def draw(self, n: int, height: int, width: int) -> Mix:
+    def draw(self, n: int, height: int, width: int, device: torch.device | None = None) -> Mix:
         """The random choices for a batch of n images, in mmpretrain's order: op and lambda (NumPy), the
-        partners (torch), then the CutMix box (NumPy), whose clipped area corrects lambda."""
+        partners (torch, on `device`), then the CutMix box (NumPy), whose clipped area corrects lambda."""
         names = list(self.alphas)
         op = names[int(np.random.choice(len(names)))]
         lam = float(np.random.beta(self.alphas[op], self.alphas[op]))
-        perm = self._partners(n)
+        perm = self._partners(n, device)
         if op == "mixup":
             return Mix(op, lam, perm)
         y1, y2, x1, x2 = box = cutmix_box(height, width, lam)
         return Mix(op, 1.0 - (y2 - y1) * (x2 - x1) / float(height * width), perm, box)  # correct_lam
 
     def apply(self, x: torch.Tensor, labels: torch.Tensor, mix: Mix) -> tuple[torch.Tensor, torch.Tensor]:
-        perm, lam = mix.perm.to(x.device), mix.lam
+        perm, lam = mix.perm.to(x.device), mix.lam  # already there when drawn for x's device: no copy
         target = F.one_hot(labels, self.num_classes).to(x.dtype)
         if mix.box is None:
             x = lam * x + (1.0 - lam) * x[perm]
@@ -89,7 +93,7 @@ class BatchMixer:
         return x, lam * target + (1.0 - lam) * target[perm]
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.apply(x, labels, self.draw(x.shape[0], x.shape[-2], x.shape[-1]))
+        return self.apply(x, labels, self.draw(x.shape[0], x.shape[-2], x.shape[-1], x.device))
 
 
 def build_mixer(mixing_cfg: Mapping[str, Any], num_classes: int, chunks: int = 1) -> Mixer:

@@ -3,8 +3,12 @@
 timm's blocks already match mmpretrain's "pytorch" style (stride on the 3x3 conv, deep stem of
 three 3x3 convs 3->32->32->64, 2x2 avg-pool + 1x1 conv shortcuts for `avg_down`, DropPath after the
 last BN). What differs is written here: the CIFAR stem, the initialisation of the head
-(normal(0, 0.01), which timm leaves at PyTorch's default) and the uniform drop-path rule of the
-RSB release configs.
+(normal(0, 0.01), which timm leaves at PyTorch's default), the uniform drop-path rule of the
+RSB release configs, and the global pool: timm's "fast" average (a mean over H, W) instead of
+nn.AdaptiveAvgPool2d(1). Same numbers (torch itself computes a 1x1 adaptive average as that mean, through
+a dispatch rule), but the model then never depends on the adaptive-pool kernel, whose CUDA backward has
+no deterministic implementation (trainer.deterministic=true would raise there). No parameters: the state
+dict and mmpretrain's checkpoints are unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.resnet import ResNet as _TimmResNet
 from torch import nn
 
+GLOBAL_POOL = "fast"  # timm's SelectAdaptivePool2d: x.mean((2, 3)), flattened (see the module docstring)
 ARCH: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),
     34: (BasicBlock, (3, 4, 6, 3)),
@@ -69,6 +74,7 @@ def build_model(
         stem_width=32 if deep_stem else 64,
         avg_down=avg_down,
         drop_path_rate=drop_path_rate if drop_path_rule == "linear" else 0.0,
+        global_pool=GLOBAL_POOL,
     )
     if small_input:  # ResNet_CIFAR: one 3x3 stride-1 conv, no max-pool
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -124,7 +130,8 @@ def count_flops(model: ResNet, input_px: int) -> int:
     from ptflops import get_model_complexity_info  # imported on use: only rank 0 and the complexity command count
 
     features = copy.deepcopy(model).eval()
-    features.reset_classifier(0)  # fc -> Identity: the table leaves the classifier out
+    # fc -> Identity (the table leaves the classifier out); the pool as nn.AdaptiveAvgPool2d, which ptflops counts
+    features.reset_classifier(0, global_pool="avg")
     macs, _ = get_model_complexity_info(
         features,
         (3, input_px, input_px),

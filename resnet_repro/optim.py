@@ -30,17 +30,20 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     return param_groups_weight_decay(model, weight_decay=weight_decay)
 
 
-def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], fused: bool = False) -> torch.optim.Optimizer:
+    """The recipe's optimizer; `fused=True` (under a GradScaler) builds SGD fused: see `fused_sgd`."""
     groups = param_groups(model, float(cfg["weight_decay"]), bool(cfg["decay_norm_and_bias"]))
     name = cfg["name"]
     if name == "sgd":
-        return torch.optim.SGD(
+        sgd = torch.optim.SGD(
             groups,
             lr=float(cfg["lr"]),
             momentum=float(cfg["momentum"]),
             nesterov=bool(cfg["nesterov"]),
             weight_decay=float(cfg["weight_decay"]),
+            fused=fused or None,
         )
+        return fused_sgd(sgd) if fused else sgd
     if name == "lamb":
         # timm's Lamb is the port mmpretrain uses: trust ratio only where weight decay is non-zero
         # (always_adapt=False), global grad-norm clip built in (max_grad_norm), no trust clipping.
@@ -56,6 +59,26 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
             always_adapt=False,
         )
     raise ValueError(f"recipe.optimizer.name={name}; allowed: sgd, lamb")
+
+
+def fused_sgd(sgd: torch.optim.SGD) -> torch.optim.SGD:
+    """Fused SGD, which GradScaler hands the found-inf flag: a non-finite step is skipped inside the kernel, no
+    host sync (precision.py). The same update as torch's other SGD forms, but a *first* step it skipped would
+    leave the momentum buffers it allocated uninitialised: they start at zero instead, so the first real step
+    gives buf = 0 * momentum + grad = grad, torch's clone (dampening is 0), skipped steps or not. A checkpoint
+    loaded later keeps the optimizer fused (its saved param groups say otherwise when written unfused)."""
+
+    def ready(opt: torch.optim.Optimizer) -> None:
+        for group in opt.param_groups:
+            group["fused"], group["foreach"] = True, None
+            if group["momentum"] and not group["dampening"]:
+                for p in group["params"]:
+                    if opt.state[p].get("momentum_buffer") is None:
+                        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
+    ready(sgd)
+    sgd.register_load_state_dict_post_hook(ready)
+    return sgd
 
 
 def _cosine(base: float, floor: float, progress: float) -> float:

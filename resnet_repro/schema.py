@@ -35,6 +35,12 @@ class Compile(Enum):
     MAX_AUTOTUNE = "max-autotune"
 
 
+class BnGroupKernel(Enum):
+    AUTO = "auto"  # one-kernel on CUDA, per-group elsewhere (bn_groups.resolve_kernel)
+    PER_GROUP = "per-group"
+    ONE_KERNEL = "one-kernel"
+
+
 class Checkpoints(Enum):
     LAST_BEST = "last+best"
     LAST = "last"
@@ -92,6 +98,8 @@ class TrainerSchema:
     num_workers: Any = "auto"
     channels_last: Any = _choices(Switch, "auto")
     compile: Any = _choices(Compile, False)
+    bn_group_kernel: str = _choices(BnGroupKernel, "auto")
+    tf32: Any = _choices(Switch, "auto")
     deterministic: bool = False
     resume: str = "auto"
     warm_start: bool = False

@@ -87,3 +87,39 @@ def test_drop_path_rules() -> None:
     assert rates == pytest.approx([0.05 * i / 15 for i in range(16)])
     uniform = build_model(50, 10, drop_path_rate=0.05, drop_path_rule="uniform").blocks()
     assert [b.drop_path.drop_prob for b in uniform] == [0.05] * 16
+
+
+def test_global_pool_is_the_adaptive_average_as_a_deterministic_mean() -> None:
+    """The pool is a mean over H, W (no nn.AdaptiveAvgPool2d, whose CUDA backward has no deterministic kernel):
+    outputs and gradients equal the adaptive pool's, in both memory formats, and a deterministic backward runs."""
+    from timm.layers import SelectAdaptivePool2d
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is as fast, and far faster on a shared machine
+    torch.manual_seed(0)
+    model = build_model(18, 10, small_input=True)
+    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+    adaptive = build_model(18, 10, small_input=True)
+    adaptive.load_state_dict(model.state_dict(), strict=True)  # no parameter or buffer in either pool
+    adaptive.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
+    assert isinstance(adaptive.global_pool.pool, nn.AdaptiveAvgPool2d)
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 3, 9])
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        grads = []
+        for net in (model, adaptive):
+            net.zero_grad(set_to_none=True)
+            net = net.to(memory_format=fmt)
+            out = net(x.contiguous(memory_format=fmt))
+            nn.functional.cross_entropy(out, y).backward()
+            grads.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+        (out, g), (out_ref, g_ref) = grads
+        torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+        for a, b in zip(g, g_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        nn.functional.cross_entropy(model(x), y).backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        torch.set_num_threads(threads)

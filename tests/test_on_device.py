@@ -178,11 +178,11 @@ def test_small_images_crop_without_flip() -> None:
 
 
 def test_train_augmentation_independent_of_world_size_and_resume() -> None:
-    n, global_batch, seed = 100, 16, 5  # 100 / 16: a partial last step
+    n, global_batch, seed = 100, 16, 5  # 2 GPUs x 8; 100 / 16: a partial last step, 2 x 2
     split = random_split(n, seed=3)
-    one = DeviceTrainLoader(split, GlobalBatchSampler(n, global_batch, 1, 0, seed), global_batch, CIFAR)
+    one = DeviceTrainLoader(split, GlobalBatchSampler(n, global_batch, 1, 0, seed, gpus=2), global_batch, CIFAR)
     two = [
-        DeviceTrainLoader(split, GlobalBatchSampler(n, global_batch, 2, r, seed), global_batch // 2, CIFAR)
+        DeviceTrainLoader(split, GlobalBatchSampler(n, global_batch, 2, r, seed, gpus=2), global_batch // 2, CIFAR)
         for r in (0, 1)
     ]
     assert len(one) == 7 and one.num_samples == 100 and len(one.dataset) == 100
@@ -208,7 +208,7 @@ def test_train_augmentation_independent_of_world_size_and_resume() -> None:
         per_epoch[epoch] = dict(zip(index.tolist(), torch.cat([b[0] for b in single]), strict=True))
 
         # a resumed epoch: new loaders, set_epoch, the same images
-        fresh = DeviceTrainLoader(split, GlobalBatchSampler(n, global_batch, 1, 0, seed), global_batch, CIFAR)
+        fresh = DeviceTrainLoader(split, GlobalBatchSampler(n, global_batch, 1, 0, seed, gpus=2), global_batch, CIFAR)
         assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch_batches(fresh, epoch), single, strict=True))
 
     assert sorted(per_epoch[0]) == list(range(n))

@@ -65,10 +65,10 @@ def seeded(seed: int) -> Iterator[None]:
 def build_train_sampler(
     dataset: Any, repeats: int, global_batch: int, world: int, rank: int, seed: int, gpus: int | None = None
 ) -> Sampler[tuple[int, int]]:
-    """Shuffled shards of equal length (padded, like mmengine's DefaultSampler), reshuffled by set_epoch;
-    repeated augmentation (RSB) deals to the recipe's `gpus`, emulated when there are fewer processes."""
+    """mmengine's DefaultSampler (padded, reshuffled by set_epoch) or, for repeated augmentation (RSB), its
+    RepeatAugSampler, dealing to the recipe's `gpus`: emulated when there are fewer processes."""
     if repeats == 1:
-        return GlobalBatchSampler(len(dataset), global_batch, world, rank, seed)
+        return GlobalBatchSampler(len(dataset), global_batch, world, rank, seed, gpus=gpus)
     per_gpu = global_batch // gpus if gpus else None
     return RepeatAugSampler(
         dataset, num_replicas=world, rank=rank, num_repeats=repeats, seed=seed, gpus=gpus, batch_per_gpu=per_gpu

@@ -1,9 +1,10 @@
 """Which samples each rank sees, in which order, and under which augmentation seed.
 
 Every training sampler yields `(index, seed)`: the dataset index and the seed its augmentation runs under,
-a function of (run seed, epoch, the sample's place in the epoch's global order) only. So the images a
-step sees, and their crops, flips and RandAugment ops, do not depend on the world size, the number of
-loader workers, or a restart: a run on 1 process with accumulation equals one on N, and resumes exactly.
+a function of (run seed, epoch, the sample's dataset index or, for repeated copies, its place in the
+repeated order) only. So the images a step sees, how they split into the recipe's per-GPU batches, and their
+crops, flips and RandAugment ops do not depend on the world size (any dividing the recipe's GPUs), the number
+of loader workers, or a restart: a run on 1 process with accumulation equals one on N, and resumes exactly.
 """
 
 from __future__ import annotations
@@ -24,33 +25,47 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
 
 
 class GlobalBatchSampler(Sampler[tuple[int, int]]):
-    """This rank's share of each shuffled global batch, every sample with its own augmentation seed.
+    """This process's share of each global batch, cut into the recipe's per-GPU batches exactly as mmengine's
+    DefaultSampler hands them to `gpus` ranks, whatever the world size; every sample with its own seed.
 
-    Shuffled and padded like torch's DistributedSampler (seed + epoch), but each global batch is cut
-    into contiguous per-rank slices (DistributedSampler interleaves ranks), so the per-GPU batches of a
-    step are the same on 1 process as on N. The seed's position is the dataset index.
+    mmengine's rule (shuffle=True, round_up=True), each epoch: a permutation of the dataset from seed + epoch,
+    padded by repeating its start to a multiple of `gpus`; rank r takes every gpus-th index from r; each rank's
+    DataLoader takes its per-GPU batch at a time, the last one short (no drop_last). So every step of the
+    recipe, the short last one too, is `gpus` equal per-GPU shares: CIFAR's 50,000 images end on 8 x 10,
+    ImageNet's 1,281,167 (padded to 1,281,168) on 8 x 18, CUB's 5,994 (padded to 6,000) on 8 x 6.
+    Here the `gpus` ranks are virtual: process p of `world` holds ranks p*gpus/world .. (p+1)*gpus/world - 1
+    and yields, step by step, their per-GPU batches one after the other, so each device batch is whole shares
+    of one size (its BatchNorm groups: bn_groups.py) and the steps are the same on any world size dividing
+    `gpus`. Otherwise (or without `gpus`) the processes are the ranks. The seed's position is the dataset index.
+    The stream depends on (seed, epoch) only and starts at the epoch's first step: skipping k steps is
+    skipping k device batches of it.
     """
 
-    def __init__(self, size: int, global_batch: int, world: int, rank: int, seed: int) -> None:
-        self.size, self.global_batch, self.world, self.rank, self.seed = size, global_batch, world, rank, seed
-        self.total = math.ceil(size / world) * world
-        self.epoch = 0
+    def __init__(self, size: int, global_batch: int, world: int, rank: int, seed: int, gpus: int | None = None) -> None:
+        ranks = int(gpus) if gpus and int(gpus) % world == 0 else world
+        if global_batch % ranks:
+            raise ValueError(f"a global batch of {global_batch} does not split into {ranks} per-GPU batches")
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.ranks, self.per_rank_batch = ranks, global_batch // ranks
+        self.mine = range(rank * ranks // world, (rank + 1) * ranks // world)  # this process's virtual ranks
+        self.num_samples = math.ceil(size / ranks)  # per rank and epoch (mmengine's round_up)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.total // self.world
+        return len(self.mine) * self.num_samples
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=gen).tolist()
-        order = (order * math.ceil(self.total / self.size))[: self.total]  # pad by repeating the start
-        for start in range(0, self.total, self.global_batch):
-            block = order[start : start + self.global_batch]
-            share = len(block) // self.world
-            for i in block[self.rank * share : (self.rank + 1) * share]:
-                yield i, sample_seed(self.seed, self.epoch, i)
+        total = self.num_samples * self.ranks
+        order = (order * (total // self.size + 1))[:total]  # pad by repeating the start
+        shares = [order[v :: self.ranks] for v in self.mine]
+        for start in range(0, self.num_samples, self.per_rank_batch):
+            for share in shares:
+                for i in share[start : start + self.per_rank_batch]:
+                    yield i, sample_seed(self.seed, self.epoch, i)
 
 
 class ShardSampler(Sampler[int]):

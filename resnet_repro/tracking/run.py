@@ -7,8 +7,9 @@ Parallel jobs share one SQLite file; every call retries while SQLite reports the
 What a training run records (the report reads these names):
 - tags: row, section, config_hash, faithful ("true"/"false"), deviations, run_type ("train"/"eval"),
   sweep, git_commit, hydra_overrides, world_size, device, device_name, data_verified, data_fingerprint,
-  data_on_device, val_limited, output_dir, checkpoint_dir, pid/host (who writes it), versions,
-  decode (cpu / device: where JPEGs were decoded and cropped)
+  data_on_device, val_limited, tf32 (fp32 convs/matmuls may use TF32), bn_group_kernel,
+  decode (cpu / device: where JPEGs were decoded and cropped), output_dir, checkpoint_dir,
+  pid/host (who writes it), versions
 - params: the flattened composed config (recipe.epochs, ...) plus the batch plan (batch_global,
   batch_per_device, batch_forward, batch_micro, bn_group, accum_steps), num_train, num_val
 - metrics per epoch (step = epoch, 1-based): train_loss, lr, val_top1, val_top5 (percent),
@@ -36,7 +37,7 @@ FINISHED = "FINISHED"
 
 
 class Tracker:
-    """One MLflow run of one job. On ranks other than 0 every method does nothing."""
+    """One MLflow run of one job. On ranks other than 0 every method does nothing, without importing MLflow."""
 
     def __init__(self, uri: str | None, experiment: str, enabled: bool = True) -> None:
         self.uri, self.experiment, self.enabled = resolve_uri(uri), experiment, enabled
@@ -162,6 +163,8 @@ class Tracker:
         """Continue the run `adopt` when this store has it and it is not FINISHED (a job killed before), tagging
         it with `resumed_tags`; otherwise start a new run that records `tags`, `params` and the `texts`
         artifacts. True when a run was adopted."""
+        if not self.enabled:
+            return False
         if adopt is not None and self.status(adopt) not in (None, FINISHED):
             self.start(run_name, {}, run_id=adopt)
             self.set_tags(resumed_tags)
@@ -174,24 +177,24 @@ class Tracker:
 
     @retrying
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         if self.active:  # MLflow splits the batch into its own size limits
+            from mlflow.entities import Param  # imported only where something is tracked (rank 0)
+
             self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
     @retrying
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         if self.active:
+            from mlflow.entities import Metric
+
             now = int(time.time() * 1000)
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     @retrying
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
         if self.active:
+            from mlflow.entities import RunTag
+
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     @retrying
