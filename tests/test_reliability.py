@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from resnet_repro import checkpoint
-from tests.conftest import history, mlflow_runs, run_cli, train_args
+from tests.conftest import history, mlflow_runs, read_only, run_cli, train_args
 from tests.test_train import write_image_folder
 
 # the issue's `R`: a 2-step smoke run of the demo data
@@ -61,8 +61,8 @@ def snapshot(tmp: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with one finished smoke run (store + checkpoints) and the data the cases need."""
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder with one finished smoke run (store + checkpoints) and the data and files the cases need."""
     tmp = tmp_path_factory.mktemp("catalogue")
     proc = run_cli([*R, *train_args(tmp)], cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,7 +75,21 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (corrupt / "test" / "class03" / "0.jpg").write_bytes(b"not a jpeg")
     write_hostile(tmp / "hostile.pt", tmp / "MARKER")
     (tmp / "a_file").write_text("not a folder")
-    return tmp
+    (tmp / "empty.pt").write_bytes(b"")
+    (tmp / "truncated.pt").write_bytes(_last(tmp).read_bytes()[:5000])
+    db = tmp / "read_only" / "mlflow.db"
+    db.parent.mkdir()
+    db.write_bytes((tmp / "mlflow.db").read_bytes())
+    with read_only(db):
+        _BEFORE[tmp] = (snapshot(tmp), _hydra_dirs(tmp))
+        yield tmp
+
+
+def _hydra_dirs(tmp: Path) -> list[Path]:
+    return sorted((tmp / "outputs").glob("*/*"))
+
+
+_BEFORE: dict[Path, tuple[dict[str, Any], list[Path]]] = {}  # workspace -> (snapshot, Hydra folders)
 
 
 def _last(tmp: Path) -> Path:
@@ -98,6 +112,14 @@ CATALOGUE: dict[str, tuple[list[str], list[str]]] = {
     "lr_not_a_number": (["recipe.optimizer.lr=fast"], ["recipe.optimizer.lr=fast"]),
     "momentum_above_one": (["recipe.optimizer.momentum=1.5"], ["recipe.optimizer.momentum=1.5"]),
     "epochs_zero": (["recipe.epochs=0"], ["recipe.epochs=0", "positive"]),
+    "warmup_negative": (["recipe.schedule.warmup_epochs=-2"], ["recipe.schedule.warmup_epochs=-2", "[0, 1]"]),
+    "seed_not_a_number": (["seed=abc"], ["seed=abc", "an integer in [0, 4294967295]"]),
+    "seed_beyond_64_bits": (["seed=18446744073709551616"], ["seed=18446744073709551616", "4294967295"]),
+    "seed_a_fraction": (["seed=1.5"], ["seed=1.5", "an integer"]),
+    "input_size_zero": (["dataset.input_size=0"], ["dataset.input_size=0", "positive integer"]),
+    "experiment_empty": (["tracking.experiment=''"], ["tracking.experiment=''", "non-empty"]),
+    "unknown_key_added_with_plus": (["+recipe.optimizer.lrr=0.1"], ["'recipe.optimizer.lrr'", "recipe.optimizer.lr"]),
+    "non_ascii_value_unquoted": (["dataset.root=/data/café"], ["dataset.root=/data/café", "quote it"]),
     "device_unknown": (["trainer.device=tpu"], ["trainer.device=tpu", "cuda:N"]),
     "device_cuda_absent": (["trainer.device=cuda"], ["trainer.device=cuda", "no CUDA device"]),
     "device_cuda_index": (["trainer.device=cuda:3"], ["trainer.device=cuda:3"]),
@@ -113,10 +135,20 @@ CATALOGUE: dict[str, tuple[list[str], list[str]]] = {
     "workers_negative": (["trainer.num_workers=-1"], ["trainer.num_workers=-1"]),
     "data_on_device_word": (["trainer.data_on_device=maybe"], ["trainer.data_on_device=maybe", "auto"]),
     "resume_missing_file": (["trainer.resume=/no/such.pt"], ["trainer.resume=/no/such.pt", "auto"]),
+    "resume_an_empty_file": (["trainer.resume={tmp}/empty.pt"], ["empty.pt", "empty (0 bytes)"]),
+    "resume_a_truncated_file": (["trainer.resume={tmp}/truncated.pt"], ["truncated.pt", "cannot read"]),
     "warm_start_without_a_path": (["trainer.warm_start=true"], ["trainer.warm_start"]),
     "two_mode_flags": (["--cfg=job", "--multirun"], ["cannot be combined"]),
     "tracking_server_down": (["tracking.uri=http://127.0.0.1:1"], ["tracking.uri=http://127.0.0.1:1"]),
     "tracking_bad_scheme": (["tracking.uri=notascheme:::/x"], ["tracking.uri=notascheme:::/x"]),
+    "tracking_folder_missing": (
+        ["tracking.uri=sqlite:////nonexistent/dir/mlflow.db"],
+        ["tracking.uri=sqlite:////nonexistent/dir/mlflow.db", "does not exist"],
+    ),
+    "tracking_store_read_only": (
+        ["tracking.uri=sqlite:///{tmp}/read_only/mlflow.db"],
+        ["read_only/mlflow.db", "cannot write", "readonly"],
+    ),
     "test_split_lacks_a_class": (_folder("lacks_class"), ["different classes", "class09"]),
     "more_classes_than_num_classes": (_folder("eleven"), ["11 classes", "dataset.num_classes=10"]),
     "corrupt_test_image": (_folder("corrupt"), ["cannot decode image", "class03"]),
@@ -127,6 +159,10 @@ CATALOGUE: dict[str, tuple[list[str], list[str]]] = {
     "resume_a_best_pt": (["trainer.resume={best}"], ["best.pt", "last.pt"]),
     "resume_another_configs_checkpoint": (["seed=44", "trainer.resume={last}"], ["another config", "warm_start"]),
     "resume_a_hostile_pickle": (["trainer.resume={tmp}/hostile.pt"], ["hostile.pt", "refused", "trust_checkpoint"]),
+    "warm_start_from_another_architecture": (
+        ["model=resnet34", "trainer.warm_start=true", "trainer.resume={last}"],
+        ["last.pt does not fit ResNet-34", "missing keys"],
+    ),
     "unwritable_checkpoint_root": (
         ["seed=45", "trainer.checkpoint_root={tmp}/a_file/ckpt"],
         ["cannot write checkpoints"],
@@ -144,18 +180,17 @@ def _case_args(tmp: Path, extra: list[str]) -> list[str]:
     return flags + base + [a.format(**values) for a in extra if not a.startswith("--")]
 
 
-IN_JOB = {  # cases found once the job runs (data, store, checkpoints); the others before Hydra starts
+IN_JOB = {  # cases found once the job runs (data, store, checkpoints): real commands; the others before Hydra
     "tracking_server_down",
-    "tracking_bad_scheme",
+    "tracking_store_read_only",
     "test_split_lacks_a_class",
     "more_classes_than_num_classes",
     "corrupt_test_image",
     "missing_data",
-    "resume_a_best_pt",
-    "resume_another_configs_checkpoint",
-    "resume_a_hostile_pickle",
+    "warm_start_from_another_architecture",
     "unwritable_checkpoint_root",
 }
+CASE_TIMEOUT_S = 180  # each case alone: a case that hangs fails by itself, not the catalogue
 
 
 def _in_process(argv: list[str]) -> tuple[int, str, str]:
@@ -176,45 +211,37 @@ def _in_process(argv: list[str]) -> tuple[int, str, str]:
     return int(code or 0), out.getvalue(), err.getvalue()
 
 
-@pytest.fixture(scope="module")
-def catalogue_results(workspace: Path) -> dict[str, tuple[int, str, float]]:
-    """Every case run once: command-line mistakes in this process, the others as real commands, two at a
-    time (they are independent and only read the workspace)."""
-    before = snapshot(workspace)
-    results: dict[str, Any] = {}
-    for case in (c for c in CATALOGUE if c not in IN_JOB):
-        start = time.perf_counter()
-        code, out, err = _in_process(_case_args(workspace, CATALOGUE[case][0]))
-        results[case] = (code, out + err, err, time.perf_counter() - start)
-
-    def one(case: str) -> tuple[int, str, str, float]:
-        start = time.perf_counter()
-        proc = run_cli(_case_args(workspace, CATALOGUE[case][0]), cwd=workspace, timeout=120)
-        return proc.returncode, proc.stdout + proc.stderr, proc.stderr, time.perf_counter() - start
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results.update(zip(sorted(IN_JOB), pool.map(one, sorted(IN_JOB)), strict=True))
-    results["_unchanged"] = snapshot(workspace) == before
-    return results
+def _run_case(case: str, tmp: Path) -> tuple[int, str, str]:
+    """(exit status, all output, stderr): a command-line mistake in this process, the others as real commands."""
+    args = _case_args(tmp, CATALOGUE[case][0])
+    if case not in IN_JOB:
+        code, out, err = _in_process(args)
+        return code, out + err, err
+    proc = run_cli(args, cwd=tmp, timeout=CASE_TIMEOUT_S)
+    return proc.returncode, proc.stdout + proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("catalogue")  # one worker runs the whole catalogue (a module fixture)
+@pytest.mark.xdist_group("catalogue")  # one worker runs every case against its workspace (a module fixture)
 @pytest.mark.parametrize("case", list(CATALOGUE))
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: str, catalogue_results: dict, workspace: Path) -> None:
-    code, output, stderr, seconds = catalogue_results[case]
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: str, workspace: Path) -> None:
+    start = time.perf_counter()
+    code, output, stderr = _run_case(case, workspace)
+    seconds = time.perf_counter() - start
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2, (code, output[-2000:])
     assert len(lines) == 1 and lines[0].startswith("resnet_repro: error:"), output[-2000:]
     for word in CATALOGUE[case][1]:
         assert word.format(tmp=workspace) in lines[0], lines[0]
     assert "Traceback" not in output
-    assert seconds < 60  # a server that does not answer is found in seconds
-    assert catalogue_results["_unchanged"], "a bad input changed the checkpoints or the MLflow store"
+    assert seconds < 90  # a server that does not answer is found in seconds
+    before, hydra_dirs = _BEFORE[workspace]
+    assert snapshot(workspace) == before, "a bad input changed the checkpoints or the MLflow store"
     assert not (workspace / "MARKER").exists()
     assert not list((workspace / "ckpt").rglob("*.tmp"))
     leftovers = [p for p in (workspace / "outputs").rglob("*") if p.is_dir() and not any(p.iterdir())]
     assert not leftovers, leftovers  # failed runs leave no empty output folders
+    assert _hydra_dirs(workspace) == hydra_dirs, "a failed run left a Hydra output folder"
 
 
 # ---- checkpoints never run code ------------------------------------------------------------------
