@@ -31,7 +31,7 @@ from resnet_repro.bn_groups import convert_bn_groups, set_update_stats
 from resnet_repro.convert import load_state_dict_strict
 from resnet_repro.data import build_data, on_device, resolve_workers
 from resnet_repro.data.preprocess import Preprocessor
-from resnet_repro.errors import UserError
+from resnet_repro.errors import UserError, one_line
 from resnet_repro.evaluation import topk_accuracy
 from resnet_repro.faults import crash_point
 from resnet_repro.losses import build_loss
@@ -41,7 +41,7 @@ from resnet_repro.optim import build_optimizer, learning_rate, set_lr
 from resnet_repro.precision import Precision
 from resnet_repro.progress import Progress, fmt_time
 from resnet_repro.tracking import Tracker, ui_command
-from resnet_repro.tracking.run import flat_params, provenance_tags
+from resnet_repro.tracking.run import flat_params, pid_alive, provenance_tags
 
 log = logging.getLogger("resnet_repro")
 
@@ -362,8 +362,33 @@ class Trainer:
         return run_id
 
     def _start_tracking(self, resume: checkpoint.Resume) -> None:
-        """A new MLflow run, or the one this config's folder names (adopted after a kill); run.json records it.
-        The store is the authority on who trains this config on this data: a rival that took it up first wins."""
+        """A new MLflow run, or the one this config's folder names (adopted after a kill); run.json records it
+        once the store has said all it must (so a store lost from then on costs no read)."""
+        try:
+            closed = self._open_run(resume)
+        except UserError:
+            raise
+        except Exception as err:  # MLflow raises many types; the store answered the probe seconds ago
+            raise UserError(
+                f"the MLflow store {self.tracker.uri} stopped answering as the run started ({one_line(err)}); "
+                "nothing was trained: run the same command again when it answers"
+            ) from None
+        self.folder.write_run_id(self.tracker.run_id or "", self.tracker.uri)
+        note = f"; closed {len(closed)} run(s) left RUNNING by dead processes" if closed else ""
+        log.info(
+            "MLflow run %s (%s): see it with `%s`%s",
+            self.tracker.run_id,
+            self.info.run_name,
+            ui_command(self.tracker.uri),
+            note,
+        )
+        if resume.path is not None:
+            how = "warm-started from" if resume.action == "warm" else "resumed"
+            log.info("%s %s at epoch %d", how, resume.path, self.start_epoch)
+
+    def _open_run(self, resume: checkpoint.Resume) -> list[str]:
+        """Open (or adopt) the run; the store is the authority on who trains this config on this data, so a rival
+        that took it up first wins. Returns the runs of dead processes it closed."""
         params = {**flat_params(self.cfg), **self.plan.params(), "num_train": self.data.num_train}
         adopted = self.tracker.open(
             self.info.run_name,
@@ -377,23 +402,13 @@ class Trainer:
         if rival is not None:  # two starts at once from two checkpoint roots: the later one gives way
             self.tracker.withdraw(adopted)
             raise UserError(already_training(self.info.row_name, rival))
-        self.tracker.keep_pending(self.folder.path)  # from now on a tracking outage does not stop training
+        closed = self.tracker.close_dead_runs(self.info.config_hash, keep=self.tracker.run_id)
+        self.tracker.keep_pending(self.folder.path)  # from now on a write the store does not take is kept
+        if self.history:  # epochs a kill kept from MLflow but not from the checkpoint (reads the run's history)
+            self.tracker.backfill(self.history)
         if not adopted:
             self.tracker.log_metrics({"params": self.params, "flops_g": self.flops}, step=0)
-        self.tracker.backfill(self.history)  # epochs a kill kept from MLflow but not from the checkpoint
-        self.folder.write_run_id(self.tracker.run_id or "", self.tracker.uri)
-        closed = self.tracker.close_dead_runs(self.info.config_hash, keep=self.tracker.run_id)
-        note = f"; closed {len(closed)} run(s) left RUNNING by dead processes" if closed else ""
-        log.info(
-            "MLflow run %s (%s): see it with `%s`%s",
-            self.tracker.run_id,
-            self.info.run_name,
-            ui_command(self.tracker.uri),
-            note,
-        )
-        if resume.path is not None:
-            how = "warm-started from" if resume.action == "warm" else "resumed"
-            log.info("%s %s at epoch %d", how, resume.path, self.start_epoch)
+        return closed
 
     def _epoch(self, epoch: int) -> None:
         start = time.perf_counter()
@@ -445,22 +460,10 @@ def rival_run(tracker: Tracker, config_hash: str, fingerprint: str | None, claim
             break
         tags = run["tags"]
         held = checkpoint.RunFolder.lock_held(Path(tags["checkpoint_dir"])) if tags.get("checkpoint_dir") else None
-        alive = held if held is not None else tags.get("host") != platform.node() or _pid_alive(tags.get("pid", ""))
+        alive = held if held is not None else tags.get("host") != platform.node() or pid_alive(tags.get("pid", ""))
         if alive:
             return run
     return None
-
-
-def _pid_alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def already_training(row: str, rival: Mapping[str, Any]) -> str:

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -298,10 +298,10 @@ FAULT_RUN = [
 ]
 
 
-def _killed_at(point: str, tmp: Path) -> subprocess.CompletedProcess:
+def _killed_at(point: str, tmp: Path, extra: Sequence[str] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "RESNET_REPRO_CRASH_AT": point, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "resnet_repro", *FAULT_RUN, *train_args(tmp)],
+        [sys.executable, "-m", "resnet_repro", *FAULT_RUN, *extra, *train_args(tmp)],
         cwd=tmp,
         env=env,
         capture_output=True,
@@ -433,3 +433,120 @@ def test_a_cifar_archive_that_wants_code_run_is_refused(tmp_path: Path, tiny_cif
     with pytest.raises(DataError, match="refused"):
         cifar(ds, train=False)
     assert not marker.exists()
+
+
+# ---- stuck states (issue 20): each says what it does, and the obvious command works -----------------
+def _fake_last(path: Path, epoch: int, *, best_epoch: int | None = None, run_id: str = "r1") -> Path:
+    """A last.pt with what the resume policy reads (epoch, owner, data, best, run), written as training does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"epoch": epoch, "optimizer": {}, "config_hash": "h", "data_fingerprint": "d", "mlflow_run_id": run_id}
+    state |= {"best_epoch": epoch if best_epoch is None else best_epoch, "model": {"w": torch.full((2,), epoch)}}
+    checkpoint.save_atomic(state, path)
+    return path
+
+
+def _choose(folder: checkpoint.RunFolder, mode: str = "auto", finished: bool = False) -> checkpoint.Resume:
+    return folder.resume_or_archive(
+        mode, epochs=2, config_hash="h", fingerprint="d", finished=lambda run_id: finished, keep=2, trusted=False
+    )
+
+
+def test_a_truncated_last_pt_names_the_way_out_and_resume_none_takes_it(tmp_path: Path) -> None:
+    from resnet_repro.errors import UserError
+
+    folder = checkpoint.RunFolder(tmp_path / "run")
+    _fake_last(folder.last, 1)
+    folder.last.write_bytes(folder.last.read_bytes()[:500])
+    with pytest.raises(UserError, match=r"cannot read checkpoint .*last\.pt.*; trainer\.resume=none starts"):
+        _choose(folder)
+    assert _choose(folder, "none").action == "fresh"  # the unreadable file is moved aside, not read
+    assert not folder.last.exists() and len(list(tmp_path.glob("run.*/last.pt"))) == 1
+
+
+def test_a_truncated_best_pt_is_rebuilt_or_moved_aside_never_blocking(tmp_path: Path) -> None:
+    folder = checkpoint.RunFolder(tmp_path / "run")
+    _fake_last(folder.last, 1)  # epoch 1 was the best: last.pt holds its model
+    folder.best.write_bytes(b"\x80truncated")
+    assert _choose(folder).action == "continue"
+    assert checkpoint.load(folder.best)["epoch"] == 1  # rebuilt from last.pt
+    _fake_last(folder.last, 2)  # a finished run (skip_finished=false trains it again): archived, not read
+    folder.best.write_bytes(b"")
+    assert _choose(folder, finished=True).action == "fresh" and not folder.best.exists()
+
+
+def test_resuming_a_finished_runs_last_pt_refuses_rather_than_copying_its_epochs(tmp_path: Path) -> None:
+    from resnet_repro.errors import UserError
+
+    last = _fake_last(tmp_path / "old" / "last.pt", 2)
+    folder = checkpoint.RunFolder(tmp_path / "run")
+    with pytest.raises(UserError, match="is complete .* and its MLflow run r1 finished: nothing to resume"):
+        _choose(folder, str(last), finished=True)
+    assert _choose(folder, str(last), finished=False).action == "finish"  # its books only, in its own run
+
+
+def test_a_run_deleted_in_mlflow_is_not_adopted(tmp_path: Path) -> None:
+    from resnet_repro.tracking import Tracker
+
+    uri = train_args(tmp_path)[0].removeprefix("tracking.uri=")
+    tracker = Tracker(uri, "resnet_repro")
+    gone = tracker.start("gone", {"run_type": "train"})
+    tracker.client.delete_run(gone)
+    again = Tracker(uri, "resnet_repro")
+    assert again.status(gone) is None
+    assert not again.open("new", adopt=gone, tags={}, params={}, texts={}, resumed_tags={})
+    assert again.run_id != gone
+
+
+def test_no_room_for_two_checkpoints_stops_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from resnet_repro.errors import UserError
+
+    model = torch.nn.Linear(100, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 100)).sum().backward()
+    optimizer.step()
+    checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "last.pt")
+    assert checkpoint.estimated_size(model) >= (tmp_path / "last.pt").stat().st_size * 0.9
+    checkpoint.check_room(tmp_path, model)  # a real disk has room for 4 KB
+    full = type("Usage", (), {"free": 5000})()
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: full)
+    with pytest.raises(UserError, match=r"only 0 MB free in .*checkpoint_root"):
+        checkpoint.check_room(tmp_path, model)
+
+
+# ---- counted twice (issue 20) --------------------------------------------------------------------
+@pytest.mark.slow
+def test_one_config_started_from_two_checkpoint_roots_at_once_trains_once(tmp_path: Path) -> None:
+    args = [*FAULT_RUN, *train_args(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-m", "resnet_repro", *args, f"trainer.checkpoint_root={tmp_path}/{root}"],
+            cwd=tmp_path,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for root in ("ckpt_a", "ckpt_b")
+    ]
+    ends = [(p.wait(timeout=600), *p.communicate()) for p in starts]
+    codes = sorted(code for code, _, _ in ends)
+    assert codes == [0, 2], [err[-2000:] for _, _, err in ends]
+    (refused,) = [err for code, _, err in ends if code == 2]
+    assert refused.count("\n") == 1 and "already being trained by pid" in refused, refused
+    (run,) = mlflow_runs(tmp_path)  # the one that gave way left no run behind
+    assert run.info.status == "FINISHED" and len(history(tmp_path, run.info.run_id, "val_top1")) == 2
+
+
+@pytest.mark.slow
+def test_a_restart_without_checkpoints_logs_no_epoch_twice(tmp_path: Path) -> None:
+    extra = ["trainer.checkpoints=none"]
+    killed = _killed_at("after-epoch-1", tmp_path, extra)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    again = run_cli([*FAULT_RUN, *extra, *train_args(tmp_path)], cwd=tmp_path)
+    assert again.returncode == 0 and "closed (KILLED)" in again.stdout, again.stderr[-3000:]
+    runs = {r.info.status: r for r in mlflow_runs(tmp_path)}
+    assert sorted(runs) == ["FINISHED", "KILLED"]
+    assert len(history(tmp_path, runs["KILLED"].info.run_id, "val_top1")) == 1  # epoch 1, once
+    for key in EPOCH_METRICS:
+        assert len(history(tmp_path, runs["FINISHED"].info.run_id, key)) == 2, key  # each epoch once

@@ -7,13 +7,16 @@ Parallel jobs share one SQLite file; every call retries while SQLite reports the
 What a training run records (the report reads these names):
 - tags: row, section, config_hash, faithful ("true"/"false"), deviations, run_type ("train"/"eval"),
   sweep, git_commit, hydra_overrides, world_size, device, device_name, data_verified, data_fingerprint,
-  data_on_device, val_limited, output_dir, checkpoint_dir, pid/host (who writes it), versions
+  data_on_device, val_limited, output_dir, checkpoint_dir, pid/host/claimed_at (who writes it, since when), versions
 - params: the flattened composed config (recipe.epochs, ...) plus the batch plan (batch_global,
   batch_per_device, batch_forward, batch_micro, bn_group, accum_steps), num_train, num_val
 - metrics per epoch (step = epoch, 1-based): train_loss, lr, val_top1, val_top5 (percent),
   epoch_time_s, train_img_per_s; every log interval (step = optimizer step): step/train_loss, step/lr;
   once: params, flops_g; at the end: best_val_top1, epochs_completed
 - artifacts: config/config.yaml (resolved), config/overrides.yaml, the job's log, best.pt on request
+
+Once a run is open, `keep_pending` routes its writes through tracking.outbox: a store that goes away during
+the run does not stop it (the writes are kept in the checkpoint folder and sent when it answers again).
 """
 
 from __future__ import annotations
@@ -135,7 +138,7 @@ class Tracker:
         host, closed = platform.node(), []
         for run in self.search(f"tags.config_hash = '{config_hash}' and attributes.status = 'RUNNING'"):
             tags = run.data.tags
-            if run.info.run_id == keep or tags.get("host") != host or _alive(tags.get("pid", "")):
+            if run.info.run_id == keep or tags.get("host") != host or pid_alive(tags.get("pid", "")):
                 continue
             self.client.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_id)
@@ -294,7 +297,8 @@ def _first_line(err: BaseException) -> str:
     return (text.splitlines()[0] if text else type(err).__name__)[:200]
 
 
-def _alive(pid: str) -> bool:
+def pid_alive(pid: str) -> bool:
+    """Whether process `pid` of this host lives (an unknown pid counts as living: left alone)."""
     if not pid.isdigit():
         return True  # unknown owner: leave it alone
     try:

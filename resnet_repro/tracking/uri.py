@@ -86,15 +86,17 @@ PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOU
 
 @contextlib.contextmanager
 def mlflow_quiet() -> Iterator[None]:
-    """MLflow logs a traceback (level ERROR) for a failed database call before raising it: the caller reports
-    the failure in one line instead."""
-    logger = logging.getLogger("mlflow")
-    saved = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """MLflow logs a traceback (level ERROR) for a failed database call before raising it, urllib3 a line per
+    HTTP retry: the caller reports the failure in one line instead."""
+    loggers = [logging.getLogger(name) for name in ("mlflow", "urllib3")]
+    saved = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(saved)
+        for logger, level in zip(loggers, saved, strict=True):
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager
