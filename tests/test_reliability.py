@@ -269,6 +269,18 @@ def test_every_load_path_refuses_a_hostile_pickle(tmp_path: Path, tiny_cifar: Pa
     assert not marker.exists()
 
 
+def test_a_zero_byte_checkpoint_is_one_line_on_every_load_path(tmp_path: Path) -> None:
+    from resnet_repro import get_model
+    from resnet_repro.errors import UserError
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    calls = (lambda: get_model(empty), lambda: get_model("resnet18_8xb16_cifar10", pretrained=empty))
+    for call in (*calls, lambda: checkpoint.load(empty)):
+        with pytest.raises(UserError, match=r"empty\.pt is empty \(0 bytes\), not a checkpoint"):
+            call()
+
+
 def test_trusted_opt_in_loads_a_file_with_other_types(tmp_path: Path) -> None:
     """A harmless but non-tensor object (argparse.Namespace, as old training scripts saved) is refused by
     default, naming the type, and loads with the explicit opt-in."""
