@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import random
 import shutil
@@ -30,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from resnet_repro.errors import UserError
+from resnet_repro.errors import UserError, one_line
 
+log = logging.getLogger("resnet_repro")
 RESUME_MODES = ("auto", "none", "None")
 
 
@@ -51,6 +53,8 @@ def load(path: str | Path, *, mmap: bool = False, trusted: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes), not a checkpoint")
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
@@ -60,7 +64,7 @@ def load(path: str | Path, *, mmap: bool = False, trusted: bool = False) -> Any:
                 f"{path} needs {_unsafe_types(path)} to load, and unpickling it could run code; refused. "
                 f"Load it only if you trust the file: trainer.trust_checkpoint=true (API: trusted=True)"
             ) from None
-        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {one_line(err)}") from None
 
 
 def _unsafe_types(path: Path) -> str:
@@ -95,6 +99,25 @@ def write_json_atomic(obj: Any, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def estimated_size(model: torch.nn.Module) -> int:
+    """Bytes of a last.pt of `model`: its state plus two moments per parameter (SGD keeps one, LAMB two)."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return state + 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def check_room(folder: Path, model: torch.nn.Module) -> None:
+    """Room for the two checkpoints a run writes (last.pt, best.pt: each written beside the old one, then
+    renamed), before training, rather than ENOSPC after the first epoch."""
+    need = estimated_size(model) + sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise UserError(
+            f"only {free / 1e6:.0f} MB free in {folder}: this run's checkpoints need about {need / 1e6:.0f} MB "
+            f"(last.pt and best.pt); free space there, or set trainer.checkpoint_root (trainer.checkpoints=none "
+            f"writes none)"
+        )
 
 
 # ---- RNG states in types weights_only accepts ------------------------------------------------------
@@ -181,6 +204,21 @@ class RunFolder:
         self._lock = handle
         self._remove_stale_temporaries()
 
+    @staticmethod
+    def lock_held(path: Path) -> bool | None:
+        """Whether a process holds the folder `path`'s lock (is training it); None when it cannot be read."""
+        try:
+            handle = open(Path(path) / ".lock")  # noqa: SIM115 - closed below
+        except OSError:
+            return None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
     def release(self) -> None:
         """Drop the lock; a folder that got nothing else (a run that failed before its start) is removed."""
         if self._lock is None:
@@ -208,15 +246,28 @@ class RunFolder:
         write_json_atomic({"mlflow_run_id": run_id, "tracking_uri": uri}, self.record)
 
     def repair_best(self, trusted: bool = False) -> None:
-        """A kill between writing last.pt and best.pt leaves best.pt behind last.pt's best: derive it."""
+        """A kill between writing last.pt and best.pt leaves best.pt behind last.pt's best, and a truncated
+        best.pt cannot be read: derive it from last.pt when that holds the best epoch's model."""
         if not self.last.is_file():
             return
         last = load(self.last, mmap=True, trusted=trusted)
+        try:
+            best_epoch = load(self.best, mmap=True, trusted=trusted).get("epoch") if self.best.is_file() else None
+        except UserError as err:
+            best_epoch = -1
+            log.warning("%s; it is rebuilt from last.pt where that holds the best epoch", one_line(err))
         if last.get("best_epoch") != last.get("epoch") or not last.get("write_best", True):
+            if best_epoch == -1:
+                log.warning(
+                    "%s is unreadable and last.pt holds epoch %s, not the best (%s): best.pt is written again when an "
+                    "epoch beats it",
+                    self.best,
+                    last.get("epoch"),
+                    last.get("best_epoch"),
+                )
             return
-        if self.best.is_file() and load(self.best, mmap=True, trusted=trusted).get("epoch") == last["epoch"]:
-            return
-        save_atomic(best_from_last(last), self.best)
+        if best_epoch != last["epoch"]:
+            save_atomic(best_from_last(last), self.best)
 
     def archive_and_start_fresh(self, keep: int) -> Path | None:
         """Move an earlier run's files aside (keeping the `keep` newest archives), leaving the folder empty."""
@@ -250,39 +301,61 @@ class RunFolder:
         auto: continue last.pt when it is this config's, on the same data, and not complete; a complete
         last.pt whose run was not closed only finishes the books; anything else starts fresh, keeping
         the MLflow run of run.json when the process that opened it died before the first checkpoint.
+        none: start fresh, whatever the folder holds (unreadable files too: they are moved aside).
         warm_start: a fresh run that starts from the weights of the checkpoint `mode` names.
         """
-        self.repair_best(trusted)
         if warm_start:
-            self.archive_and_start_fresh(keep)
+            self._archive(keep)
             return Resume("warm", Path(mode))
         if mode not in RESUME_MODES:
-            return self._explicit(Path(mode), config_hash, trusted)
+            return self._explicit(Path(mode), config_hash, trusted, epochs, finished)
         run_id = self.read_run_id()
         if mode == "auto" and self.last.is_file():
-            epoch, owner, data = read_epoch(self.last, trusted)
+            try:
+                epoch, owner, data = read_epoch(self.last, trusted)
+            except UserError as err:
+                raise UserError(
+                    f"{one_line(err)}; trainer.resume=none starts this config again (its files are moved aside)"
+                ) from None
             run_id = run_id or load(self.last, mmap=True, trusted=trusted).get("mlflow_run_id")
             open_run = run_id is not None and not finished(run_id)
             if owner == config_hash and data == fingerprint and (epoch < epochs or open_run):
+                self.repair_best(trusted)
                 return Resume("continue" if epoch < epochs else "finish", self.last, run_id)
         elif mode == "auto" and run_id is not None and not finished(run_id):
             return Resume("fresh", None, run_id)  # killed before its first checkpoint: same MLflow run
-        self.archive_and_start_fresh(keep)
+        self._archive(keep)
         return Resume("fresh")
 
-    def _explicit(self, path: Path, config_hash: str, trusted: bool) -> Resume:
-        check_resumable(path, config_hash, trusted)
-        return Resume("continue", path, load(path, mmap=True, trusted=trusted).get("mlflow_run_id"))
+    def _archive(self, keep: int) -> None:
+        archived = self.archive_and_start_fresh(keep)
+        if archived is not None:
+            log.info("the earlier files of this config are moved to %s; this run starts afresh", archived)
+
+    def _explicit(self, path: Path, config_hash: str, trusted: bool, epochs: int, finished: Any) -> Resume:
+        """trainer.resume=<last.pt>: continue it; a complete one only finishes its run's books, and a complete one
+        whose run FINISHED has nothing left to do (copying its epochs into a new run would count it twice)."""
+        epoch, _, _ = check_resumable(path, config_hash, trusted)
+        run_id = load(path, mmap=True, trusted=trusted).get("mlflow_run_id")
+        if epoch < epochs:
+            return Resume("continue", path, run_id)
+        if run_id and not finished(run_id):
+            return Resume("finish", path, run_id)
+        raise UserError(
+            f"{path} is complete (epoch {epoch} of {epochs}) and its MLflow run {run_id or '(none)'} finished: nothing "
+            f"to resume; trainer.resume=none trains this config again"
+        )
 
 
-def check_resumable(path: Path, config_hash: str, trusted: bool) -> None:
-    """`trainer.resume=<path>` names a last.pt of this very config (a UserError otherwise)."""
-    _, owner, _ = read_epoch(path, trusted)
+def check_resumable(path: Path, config_hash: str, trusted: bool) -> tuple[int, str | None, str | None]:
+    """`trainer.resume=<path>` names a last.pt of this very config (a UserError otherwise); read_epoch's answer."""
+    epoch, owner, data = read_epoch(path, trusted)
     if owner != config_hash:
         raise UserError(
             f"{path} was written by another config ({owner}, this one is {config_hash}); resume only "
             f"this config's last.pt, or start a new run from its weights with trainer.warm_start=true"
         )
+    return epoch, owner, data
 
 
 def best_from_last(last: dict[str, Any]) -> dict[str, Any]:

@@ -21,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from resnet_repro import batches, distributed, schema
 from resnet_repro.batches import BatchPlan
-from resnet_repro.checkpoint import RESUME_MODES
+from resnet_repro.checkpoint import RESUME_MODES, check_resumable, load
 from resnet_repro.errors import UserError
 from resnet_repro.rows import Row, composition_name, get_row, match_row
 from resnet_repro.tracking.run import flat_params
+from resnet_repro.tracking.uri import URI_FORMS, uri_problem
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUP_DIRS = ("model", "stem", "dataset", "recipe", "precision", "row", "trainer", "tracking", "sweep")
@@ -32,6 +33,7 @@ GROUP_DIRS = ("model", "stem", "dataset", "recipe", "precision", "row", "trainer
 # dataset.* keys that say where the data lies, not what it is: they never change a run's identity
 # (`format` does: an image-folder copy of CIFAR is other data than the official archives)
 DATA_LOCATION_KEYS = ("root", "download")
+_ABSENT = object()
 # trainer.* keys that change what is trained (the rest only change how fast or where)
 TRAINER_IDENTITY_KEYS = ("micro_batch", "limit_train_batches", "limit_val_batches")
 
@@ -85,31 +87,51 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra import compose as hydra_compose
 
     overrides = list(overrides)
-    check_overrides(overrides)
+    added = check_overrides(overrides)
     with _hydra_context():
         try:
-            return hydra_compose(config_name="config", overrides=overrides)
+            cfg = hydra_compose(config_name="config", overrides=overrides)
         except Exception as err:
             raise ConfigError(_one_line(err, overrides)) from None
+        if added:
+            _check_added(added, overrides)
+    return cfg
+
+
+def _check_added(added: Sequence[str], overrides: Sequence[str]) -> None:
+    """`+key=value` adds a key the config lacks (Hydra lets it through its schemas): nothing would read it, so
+    a typo would change nothing while the run is recorded as changed. Only keys the config has are taken."""
+    from hydra import compose as hydra_compose
+
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in added]
+    base = hydra_compose(config_name="config", overrides=rest)
+    for key in added:
+        if OmegaConf.select(base, key, default=_ABSENT) is _ABSENT:
+            raise ConfigError(_unknown(key, rest, how=" (added with +)"))
 
 
 def _one_line(err: Exception, overrides: Sequence[str]) -> str:
     """Hydra's message in one line; for an unknown key, the keys its parent does have."""
-    from hydra import compose as hydra_compose
-
     first = str(err).strip().splitlines()[0]
     bad = re.match(r"Could not override '([^']+)'", first)
     if not bad:
         return first
     key = bad.group(1)
+    return _unknown(key, [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
+
+
+def _unknown(key: str, rest: Sequence[str], how: str = "") -> str:
+    """ "unknown key 'a.b'" with the keys of the config it may have meant, or else the keys its parent has."""
+    from hydra import compose as hydra_compose
+
+    close = _did_you_mean(key, rest)
     parent = key.rpartition(".")[0]
-    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
     try:
         node = OmegaConf.select(hydra_compose(config_name="config", overrides=rest), parent) if parent else None
     except Exception:
         node = None
     known = f"; {parent} has: {', '.join(map(str, node.keys()))}" if isinstance(node, DictConfig) else ""
-    return f"unknown key '{key}'{known or _did_you_mean(key, rest)}"
+    return f"unknown key '{key}'{how}{close or known}"
 
 
 def _did_you_mean(key: str, overrides: Sequence[str]) -> str:
@@ -139,13 +161,30 @@ def _parse(overrides: Sequence[str]) -> list[Any]:
     try:
         return OverridesParser.create().parse_overrides(list(overrides))
     except Exception as err:
-        raise ConfigError(str(err).strip().splitlines()[0]) from None
+        raise ConfigError(_unquoted(overrides) or str(err).strip().splitlines()[0]) from None
 
 
-def check_overrides(overrides: Sequence[str]) -> None:
-    """Every `group=option` names an existing option (each value of a sweep too)."""
+def _unquoted(overrides: Sequence[str]) -> str:
+    """Hydra's grammar takes only ASCII in an unquoted value (LexerNoViableAltException): say to quote it."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        odd = [c for c in value if not c.isascii()]
+        if odd and value[:1] not in ("'", '"'):
+            return (
+                f"{override}: the value has a character Hydra's override parser takes only in quotes ({odd[0]!r}); "
+                f"quote it: \"{key}='{value}'\""
+            )
+    return ""
+
+
+def check_overrides(overrides: Sequence[str]) -> list[str]:
+    """Every `group=option` names an existing option (each value of a sweep too); the keys added with `+`
+    (or `++`) that are not config groups, for `_check_added`."""
+    added = []
     for ov in _parse(overrides):
         group = ov.key_or_group
+        if (ov.is_add() or ov.is_force_add()) and group not in GROUP_DIRS:
+            added.append(group)
         if group not in GROUP_DIRS or ov.is_delete() or ov.value_type is None:
             continue
         if ov.is_sweep_override():
@@ -158,6 +197,7 @@ def check_overrides(overrides: Sequence[str]) -> None:
         for value in values:
             if value is not None and str(value) not in allowed:
                 raise ConfigError(f"{group}={value} is not an option of '{group}'; allowed: {', '.join(allowed)}")
+    return added
 
 
 def hydra_internals() -> tuple[Callable[[], Any], Any]:
@@ -268,6 +308,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     problem = schema.check_values(cfg)
     if problem:
         raise ConfigError(problem)
+    _check_identity_values(cfg)
     _check_composition(cfg)
     _check_recipe_numbers(cfg)
     if cfg.trainer.decode == "device":  # on a recipe or dataset the device cannot run?
@@ -282,7 +323,35 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         distributed.check_device(str(cfg.trainer.device))
     except UserError as err:
         raise ConfigError(str(err)) from None
+    _check_tracking(cfg)
     _check_resume(cfg)
+
+
+def _check_tracking(cfg: DictConfig) -> None:
+    experiment = cfg.tracking.experiment
+    if not isinstance(experiment, str) or not experiment.strip():
+        raise ConfigError(f"tracking.experiment={experiment!r} is not allowed; allowed: a non-empty name")
+    problem = uri_problem(cfg.tracking.uri)
+    if problem:
+        raise ConfigError(f"tracking.uri={cfg.tracking.uri} {problem}; allowed: {URI_FORMS}")
+
+
+SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit (mmengine draws its seeds below 2**31)
+
+
+def _check_identity_values(cfg: DictConfig) -> None:
+    """The seed and the dataset's sizes: values a run's identity is hashed from must be what is trained."""
+    seed = cfg.seed
+    if not _integer(seed) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"seed={seed} is not allowed; allowed: an integer in [0, {SEED_MAX}]")
+    for key in ("dataset.input_size", "dataset.num_classes"):
+        value = OmegaConf.select(cfg, key)
+        if not _integer(value) or value < 1:
+            raise ConfigError(f"{key}={value} must be a positive integer")
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_composition(cfg: DictConfig) -> None:
@@ -310,6 +379,14 @@ def _check_recipe_numbers(cfg: DictConfig) -> None:
         "recipe.optimizer.weight_decay": (0.0, True, math.inf, False),
         "recipe.optimizer.momentum": (0.0, True, 1.0, False),
     }
+    ranges |= {
+        "recipe.schedule.warmup_start_factor": (0.0, False, 1.0, True),
+        "recipe.schedule.gamma": (0.0, False, 1.0, True),
+        "recipe.schedule.min_lr": (0.0, True, math.inf, False),
+        "recipe.loss.label_smoothing": (0.0, True, 1.0, False),
+        "recipe.model.drop_path_rate": (0.0, True, 1.0, False),
+    }
+    _check_counts(cfg)
     for key, (low, low_ok, high, high_ok) in ranges.items():
         value = OmegaConf.select(cfg, key)
         if value is None and key != "recipe.optimizer.lr":
@@ -320,16 +397,46 @@ def _check_recipe_numbers(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is out of range; allowed: a number in {bounds}")
 
 
+def _check_counts(cfg: DictConfig) -> None:
+    """Epoch counts of the schedule: a warmup within the run, milestones inside it, repeats >= 1."""
+    epochs = cfg.recipe.epochs
+    warmup = OmegaConf.select(cfg, "recipe.schedule.warmup_epochs")
+    if not _integer(warmup) or not 0 <= warmup <= epochs:
+        raise ConfigError(
+            f"recipe.schedule.warmup_epochs={warmup} is out of range; allowed: an integer in [0, {epochs}] "
+            "(recipe.epochs)"
+        )
+    milestones = OmegaConf.select(cfg, "recipe.schedule.milestones") or []
+    if not all(_integer(m) and m > 0 for m in milestones) or list(milestones) != sorted(milestones):
+        raise ConfigError(
+            f"recipe.schedule.milestones={list(milestones)} is not allowed; allowed: rising positive epoch numbers"
+        )
+    repeats = OmegaConf.select(cfg, "recipe.sampler.repeats")
+    if repeats is not None and (not _integer(repeats) or repeats < 1):
+        raise ConfigError(f"recipe.sampler.repeats={repeats} must be a positive integer")
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_resume(cfg: DictConfig) -> None:
-    resume = str(cfg.trainer.resume)
+    """A checkpoint named by trainer.resume loads (without running code) and, unless warm_start, is this
+    config's last.pt."""
+    resume, trusted = str(cfg.trainer.resume), bool(cfg.trainer.trust_checkpoint)
     if resume not in RESUME_MODES and not Path(resume).is_file():
         raise ConfigError(f"trainer.resume={resume} is not a file; allowed: auto, none, or a checkpoint path")
     if cfg.trainer.warm_start and resume in RESUME_MODES:
         raise ConfigError("trainer.warm_start=true needs trainer.resume=<checkpoint path> to start from")
+    if resume in RESUME_MODES:
+        return
+    try:
+        if cfg.trainer.warm_start:
+            load(Path(resume), mmap=True, trusted=trusted)
+        else:
+            check_resumable(Path(resume), config_hash(cfg), trusted)
+    except UserError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _recipe_datasets(name: str) -> list[str]:

@@ -20,7 +20,6 @@ allows it too): it only matters for BN with momentum=None, and third-party conve
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from resnet_repro import checkpoint
+from resnet_repro.download import DownloadError, fetch
 from resnet_repro.errors import UserError
 
 SHOWN_KEYS = 4  # keys named in an error message; the rest are counted
@@ -187,16 +187,12 @@ def cached_download(url: str, check_hash: bool = False) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     match = torch.hub.HASH_REGEX.search(name) if check_hash else None
-    try:  # writes a .partial file and renames it, so a failed download leaves no cached file
-        torch.hub.download_url_to_file(
-            url, str(target), hash_prefix=match.group(1) if match else None, progress=sys.stderr.isatty()
-        )
-    except (OSError, ValueError, RuntimeError) as err:  # URLError/HTTPError: OSErrors; ValueError: a malformed
-        # URL; RuntimeError: torch.hub's hash check
-        reason = str(getattr(err, "reason", err)).replace("\n", " ")
+    try:  # our downloader: torch.hub's has no timeout (resnet_repro.download says why)
+        fetch(url, target, checksum=("sha256", match.group(1)) if match else None)
+    except DownloadError as err:
         raise UserError(
-            f"could not download {url} ({reason}); fetch it where there is network and pass the local file "
-            f"instead of the URL, or copy it to {target} (torch.hub's cache)"
+            f"{err}; fetch it where there is network and pass the local file instead of the URL, or copy it to "
+            f"{target} (torch.hub's cache)"
         ) from None
     return target
 

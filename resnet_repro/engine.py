@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import platform
 import random
 import time
 from collections.abc import Mapping
@@ -32,10 +34,11 @@ from resnet_repro.bn_groups import (
     resolve_kernel,
     set_update_stats,
 )
+from resnet_repro.convert import load_state_dict_strict
 from resnet_repro.data import build_data, on_device, resolve_workers
 from resnet_repro.data.preprocess import Preprocessor
 from resnet_repro.data.wait import WaitClock, input_bound_message
-from resnet_repro.errors import UserError
+from resnet_repro.errors import UserError, one_line
 from resnet_repro.evaluation import topk_accuracy
 from resnet_repro.faults import crash_point
 from resnet_repro.losses import build_loss
@@ -45,7 +48,7 @@ from resnet_repro.optim import build_optimizer, learning_rate, set_lr
 from resnet_repro.precision import Precision, set_tf32
 from resnet_repro.progress import Progress, fmt_time
 from resnet_repro.tracking import Tracker, ui_command
-from resnet_repro.tracking.run import flat_params, provenance_tags
+from resnet_repro.tracking.run import flat_params, pid_alive, provenance_tags
 
 log = logging.getLogger("resnet_repro")
 
@@ -294,8 +297,9 @@ class Trainer:
             "write_best": self.cfg["trainer"]["checkpoints"] == "last+best",
         }
 
-    def load_state_dict(self, state: Mapping[str, Any], weights_only: bool = False) -> None:
-        self.model.load_state_dict(state["model"])
+    def load_state_dict(self, state: Mapping[str, Any], weights_only: bool = False, source: str = "") -> None:
+        # strict, one line naming the keys that do not fit (a warm start from another architecture)
+        load_state_dict_strict(self.model, state["model"], f"checkpoint {source or 'state'}")
         if weights_only:  # a warm start: a new run from another run's weights
             return
         self.optimizer.load_state_dict(state["optimizer"])
@@ -324,6 +328,8 @@ class Trainer:
         try:
             resume = distributed.on_rank0(self._choose_resume)
             self._restore(resume)
+            if self.rank == 0 and self.cfg["trainer"]["checkpoints"] != "none":
+                checkpoint.check_room(self.folder.path, self.model)
             distributed.on_rank0(lambda: self._start_tracking(resume))
         except UserError as err:
             err.before_start = True
@@ -340,6 +346,7 @@ class Trainer:
             self.tracker.finish("FAILED")
             self._log_files()
             raise
+        self._check_books()
         last = self.history.get(self.epochs, {})
         return {
             "best_top1": self.best_top1,
@@ -353,7 +360,7 @@ class Trainer:
         if resume.path is None:
             return
         state = checkpoint.load(resume.path, trusted=bool(self.cfg["trainer"]["trust_checkpoint"]))
-        self.load_state_dict(state, weights_only=resume.action == "warm")
+        self.load_state_dict(state, weights_only=resume.action == "warm", source=str(resume.path))
         rngs = state.get("rng") or []
         if len(rngs) == self.world and resume.action != "warm":
             checkpoint.set_rng_state(rngs[self.rank], self.device)
@@ -371,22 +378,45 @@ class Trainer:
             warm_start=bool(tr["warm_start"]),
         )
 
+    def _adoptable(self, resume: checkpoint.Resume) -> str | None:
+        """The MLflow run this start continues: the folder's, unless the store lost it, or it logged epochs that
+        no checkpoint kept (trainer.checkpoints=none: they are trained again, in a new run, never logged twice)."""
+        run_id = resume.run_id
+        if run_id is None:
+            return None
+        status = self.tracker.status(run_id)
+        if status is None:
+            log.warning(
+                "MLflow run %s (named by %s) is not in the store (deleted?): this run goes on in a new MLflow run%s",
+                run_id,
+                self.folder.record,
+                f", with the {len(self.history)} epochs its checkpoint holds" if self.history else "",
+            )
+            return None
+        if resume.path is None and status != "FINISHED" and self.tracker.history(run_id, "val_top1"):
+            self.tracker.close_run(run_id, "KILLED")
+            log.warning(
+                "MLflow run %s logged epochs that no checkpoint kept (trainer.checkpoints=%s): it is closed (KILLED) "
+                "and training starts over in a new MLflow run, so that no epoch is logged twice",
+                run_id,
+                self.cfg["trainer"]["checkpoints"],
+            )
+            return None
+        return run_id
+
     def _start_tracking(self, resume: checkpoint.Resume) -> None:
-        """A new MLflow run, or the one this config's folder names (adopted after a kill); run.json records it."""
-        params = {**flat_params(self.cfg), **self.plan.params(), "num_train": self.data.num_train}
-        adopted = self.tracker.open(
-            self.info.run_name,
-            adopt=resume.run_id,
-            tags=run_tags(self),
-            params={**params, "num_val": self.data.num_val},
-            texts={"config/config.yaml": self.info.config_yaml, "config/overrides.yaml": _as_list(self.info.overrides)},
-            resumed_tags={"resumed_at_epoch": self.start_epoch, "output_dir": self.info.output_dir},
-        )
-        if not adopted:
-            self.tracker.log_metrics({"params": self.params, "flops_g": self.flops}, step=0)
-        self.tracker.backfill(self.history)  # epochs a kill kept from MLflow but not from the checkpoint
+        """A new MLflow run, or the one this config's folder names (adopted after a kill); run.json records it
+        once the store has said all it must (so a store lost from then on costs no read)."""
+        try:
+            closed = self._open_run(resume)
+        except UserError:
+            raise
+        except Exception as err:  # MLflow raises many types; the store answered the probe seconds ago
+            raise UserError(
+                f"the MLflow store {self.tracker.uri} stopped answering as the run started ({one_line(err)}); "
+                "nothing was trained: run the same command again when it answers"
+            ) from None
         self.folder.write_run_id(self.tracker.run_id or "", self.tracker.uri)
-        closed = self.tracker.close_dead_runs(self.info.config_hash, keep=self.tracker.run_id)
         note = f"; closed {len(closed)} run(s) left RUNNING by dead processes" if closed else ""
         log.info(
             "MLflow run %s (%s): see it with `%s`%s",
@@ -398,6 +428,30 @@ class Trainer:
         if resume.path is not None:
             how = "warm-started from" if resume.action == "warm" else "resumed"
             log.info("%s %s at epoch %d", how, resume.path, self.start_epoch)
+
+    def _open_run(self, resume: checkpoint.Resume) -> list[str]:
+        """Open (or adopt) the run; the store is the authority on who trains this config on this data, so a rival
+        that took it up first wins. Returns the runs of dead processes it closed."""
+        params = {**flat_params(self.cfg), **self.plan.params(), "num_train": self.data.num_train}
+        adopted = self.tracker.open(
+            self.info.run_name,
+            adopt=self._adoptable(resume),
+            tags=run_tags(self),
+            params={**params, "num_val": self.data.num_val},
+            texts={"config/config.yaml": self.info.config_yaml, "config/overrides.yaml": _as_list(self.info.overrides)},
+            resumed_tags={"resumed_at_epoch": self.start_epoch, "output_dir": self.info.output_dir},
+        )
+        rival = rival_run(self.tracker, self.info.config_hash, self.info.data_fingerprint, self.tracker.claimed_at)
+        if rival is not None:  # two starts at once from two checkpoint roots: the later one gives way
+            self.tracker.withdraw(adopted)
+            raise UserError(already_training(self.info.row_name, rival))
+        closed = self.tracker.close_dead_runs(self.info.config_hash, keep=self.tracker.run_id)
+        self.tracker.keep_pending(self.folder.path)  # from now on a write the store does not take is kept
+        if self.history:  # epochs a kill kept from MLflow but not from the checkpoint (reads the run's history)
+            self.tracker.backfill(self.history)
+        if not adopted:
+            self.tracker.log_metrics({"params": self.params, "flops_g": self.flops}, step=0)
+        return closed
 
     def _epoch(self, epoch: int) -> None:
         start = time.perf_counter()
@@ -413,6 +467,7 @@ class Trainer:
         self.tracker.log_metrics(metrics, step=epoch + 1)
         if self.rank == 0:
             log.info(epoch_line(epoch + 1, self.epochs, metrics))
+        crash_point(f"after-epoch-{epoch + 1}")
 
     def _finish_books(self) -> None:
         """The end of the run: final metrics, FINISHED, artifacts (also all a re-run after a late kill does)."""
@@ -422,9 +477,46 @@ class Trainer:
         self._log_files()
         self.tracker.finish("FINISHED")
 
+    def _check_books(self) -> None:
+        """The end of the run reached the store, or the command fails in one line (the only tracking failure
+        that does): the checkpoints are saved, and the next start of the same command writes what is kept."""
+        if self.rank != 0 or self.tracker.flush():
+            return
+        saved = (
+            "" if self.cfg["trainer"]["checkpoints"] == "none" else f"; the checkpoints are saved in {self.folder.path}"
+        )
+        raise UserError(
+            f"the MLflow store {self.tracker.uri} did not take the end of the run ({self.tracker.pending} writes kept "
+            f"in {self.tracker.pending_file}){saved}: run the same command again when the store answers, to write them"
+        )
+
     def _log_files(self) -> None:
         if self.rank == 0 and self.info.log_file:
             self.tracker.log_file(Path(self.info.log_file), "logs")
+
+
+def rival_run(tracker: Tracker, config_hash: str, fingerprint: str | None, claimed: float = math.inf) -> dict | None:
+    """A RUNNING run of this config and seed on this data that took it up before `claimed` (our claim; inf
+    before we have one) and whose process lives: it holds its checkpoint folder's lock (where that folder can
+    be seen from here), or its pid runs on this host; on another host, unseen, it is taken to live."""
+    for run in sorted(tracker.running(config_hash, fingerprint), key=lambda r: (r["claimed"], r["run_id"])):
+        if (run["claimed"], run["run_id"]) >= (claimed, tracker.run_id or ""):
+            break
+        tags = run["tags"]
+        held = checkpoint.RunFolder.lock_held(Path(tags["checkpoint_dir"])) if tags.get("checkpoint_dir") else None
+        alive = held if held is not None else tags.get("host") != platform.node() or pid_alive(tags.get("pid", ""))
+        if alive:
+            return run
+    return None
+
+
+def already_training(row: str, rival: Mapping[str, Any]) -> str:
+    tags = rival["tags"]
+    return (
+        f"{row} (this config, seed and data) is already being trained by pid {tags.get('pid', '?')} on "
+        f"{tags.get('host', '?')} (MLflow run {rival['run_id']}, checkpoints in {tags.get('checkpoint_dir', '?')}); "
+        "wait for it or stop it"
+    )
 
 
 def run_tags(trainer: Trainer) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from resnet_repro import checkpoint, distributed
 from resnet_repro.config import config_hash, deviations, table_row, to_plain, user_overrides, validate
 from resnet_repro.data.datasets import ensure_present, fingerprint
-from resnet_repro.engine import RunInfo, Trainer, summary_line
+from resnet_repro.engine import RunInfo, Trainer, already_training, rival_run, summary_line
 from resnet_repro.errors import UserError, exit_with, one_line
 from resnet_repro.sweep import write_summary
 from resnet_repro.tracking import Tracker
@@ -82,17 +82,20 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     return train(plain, info)
 
 
-def prepare(cfg: dict[str, Any], info: RunInfo) -> str | None:
-    """Rank 0, before anything is built: the store answers, the data is there; its fingerprint, or None when
-    this config already finished on this data (trainer.skip_finished)."""
+def prepare(cfg: dict[str, Any], info: RunInfo, folder: Path) -> str | None:
+    """Rank 0, before anything is built: the store answers and takes what an earlier run of this folder kept
+    for it, the data is there, nobody else trains this config on it; its fingerprint, or None when this config
+    already finished on this data (trainer.skip_finished)."""
     tracking = cfg["tracking"]
     tracker = Tracker(tracking["uri"], tracking["experiment"])
     tracker.probe()
-    tr = cfg["trainer"]
-    if str(tr["resume"]) not in checkpoint.RESUME_MODES and not tr["warm_start"]:  # a file of this config?
-        checkpoint.check_resumable(Path(str(tr["resume"])), info.config_hash, bool(tr["trust_checkpoint"]))
+    if left := tracker.deliver_pending(folder):
+        log.warning("the MLflow store still misses %d writes of an earlier run; they stay kept in %s", left, folder)
     ensure_present(cfg["dataset"])
     info.data_fingerprint = fingerprint(cfg["dataset"])
+    rival = rival_run(tracker, info.config_hash, info.data_fingerprint)
+    if rival is not None:  # the store, not the checkpoint folder, knows every start of this config
+        raise UserError(already_training(info.row_name, rival))
     done = tracker.find_finished(info.config_hash, info.data_fingerprint) if cfg["trainer"]["skip_finished"] else None
     if done:
         log.info(
@@ -116,7 +119,7 @@ def train(cfg: dict[str, Any], info: RunInfo) -> dict[str, Any] | None:
     )
     try:
         with before_start():
-            info.data_fingerprint = distributed.on_rank0(lambda: prepare(cfg, info))
+            info.data_fingerprint = distributed.on_rank0(lambda: prepare(cfg, info, folder.path))
             if info.data_fingerprint is None:
                 return None
             distributed.on_rank0(folder.acquire)  # one process per config: a second one stops here in one line

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from resnet_repro import checkpoint
-from tests.conftest import history, mlflow_runs, run_cli, train_args
+from tests.conftest import history, mlflow_runs, read_only, run_cli, train_args
 from tests.test_train import write_image_folder
 
 # the issue's `R`: a 2-step smoke run of the demo data
@@ -61,8 +61,8 @@ def snapshot(tmp: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with one finished smoke run (store + checkpoints) and the data the cases need."""
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder with one finished smoke run (store + checkpoints) and the data and files the cases need."""
     tmp = tmp_path_factory.mktemp("catalogue")
     proc = run_cli([*R, *train_args(tmp)], cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,7 +75,21 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (corrupt / "test" / "class03" / "0.jpg").write_bytes(b"not a jpeg")
     write_hostile(tmp / "hostile.pt", tmp / "MARKER")
     (tmp / "a_file").write_text("not a folder")
-    return tmp
+    (tmp / "empty.pt").write_bytes(b"")
+    (tmp / "truncated.pt").write_bytes(_last(tmp).read_bytes()[:5000])
+    db = tmp / "read_only" / "mlflow.db"
+    db.parent.mkdir()
+    db.write_bytes((tmp / "mlflow.db").read_bytes())
+    with read_only(db):
+        _BEFORE[tmp] = (snapshot(tmp), _hydra_dirs(tmp))
+        yield tmp
+
+
+def _hydra_dirs(tmp: Path) -> list[Path]:
+    return sorted((tmp / "outputs").glob("*/*"))
+
+
+_BEFORE: dict[Path, tuple[dict[str, Any], list[Path]]] = {}  # workspace -> (snapshot, Hydra folders)
 
 
 def _last(tmp: Path) -> Path:
@@ -98,6 +112,14 @@ CATALOGUE: dict[str, tuple[list[str], list[str]]] = {
     "lr_not_a_number": (["recipe.optimizer.lr=fast"], ["recipe.optimizer.lr=fast"]),
     "momentum_above_one": (["recipe.optimizer.momentum=1.5"], ["recipe.optimizer.momentum=1.5"]),
     "epochs_zero": (["recipe.epochs=0"], ["recipe.epochs=0", "positive"]),
+    "warmup_negative": (["recipe.schedule.warmup_epochs=-2"], ["recipe.schedule.warmup_epochs=-2", "[0, 1]"]),
+    "seed_not_a_number": (["seed=abc"], ["seed=abc", "an integer in [0, 4294967295]"]),
+    "seed_beyond_64_bits": (["seed=18446744073709551616"], ["seed=18446744073709551616", "4294967295"]),
+    "seed_a_fraction": (["seed=1.5"], ["seed=1.5", "an integer"]),
+    "input_size_zero": (["dataset.input_size=0"], ["dataset.input_size=0", "positive integer"]),
+    "experiment_empty": (["tracking.experiment=''"], ["tracking.experiment=''", "non-empty"]),
+    "unknown_key_added_with_plus": (["+recipe.optimizer.lrr=0.1"], ["'recipe.optimizer.lrr'", "recipe.optimizer.lr"]),
+    "non_ascii_value_unquoted": (["dataset.root=/data/café"], ["dataset.root=/data/café", "quote it"]),
     "device_unknown": (["trainer.device=tpu"], ["trainer.device=tpu", "cuda:N"]),
     "device_cuda_absent": (["trainer.device=cuda"], ["trainer.device=cuda", "no CUDA device"]),
     "device_cuda_index": (["trainer.device=cuda:3"], ["trainer.device=cuda:3"]),
@@ -113,10 +135,20 @@ CATALOGUE: dict[str, tuple[list[str], list[str]]] = {
     "workers_negative": (["trainer.num_workers=-1"], ["trainer.num_workers=-1"]),
     "data_on_device_word": (["trainer.data_on_device=maybe"], ["trainer.data_on_device=maybe", "auto"]),
     "resume_missing_file": (["trainer.resume=/no/such.pt"], ["trainer.resume=/no/such.pt", "auto"]),
+    "resume_an_empty_file": (["trainer.resume={tmp}/empty.pt"], ["empty.pt", "empty (0 bytes)"]),
+    "resume_a_truncated_file": (["trainer.resume={tmp}/truncated.pt"], ["truncated.pt", "cannot read"]),
     "warm_start_without_a_path": (["trainer.warm_start=true"], ["trainer.warm_start"]),
     "two_mode_flags": (["--cfg=job", "--multirun"], ["cannot be combined"]),
     "tracking_server_down": (["tracking.uri=http://127.0.0.1:1"], ["tracking.uri=http://127.0.0.1:1"]),
     "tracking_bad_scheme": (["tracking.uri=notascheme:::/x"], ["tracking.uri=notascheme:::/x"]),
+    "tracking_folder_missing": (
+        ["tracking.uri=sqlite:////nonexistent/dir/mlflow.db"],
+        ["tracking.uri=sqlite:////nonexistent/dir/mlflow.db", "does not exist"],
+    ),
+    "tracking_store_read_only": (
+        ["tracking.uri=sqlite:///{tmp}/read_only/mlflow.db"],
+        ["read_only/mlflow.db", "cannot write", "readonly"],
+    ),
     "test_split_lacks_a_class": (_folder("lacks_class"), ["different classes", "class09"]),
     "more_classes_than_num_classes": (_folder("eleven"), ["11 classes", "dataset.num_classes=10"]),
     "corrupt_test_image": (_folder("corrupt"), ["cannot decode image", "class03"]),
@@ -127,6 +159,10 @@ CATALOGUE: dict[str, tuple[list[str], list[str]]] = {
     "resume_a_best_pt": (["trainer.resume={best}"], ["best.pt", "last.pt"]),
     "resume_another_configs_checkpoint": (["seed=44", "trainer.resume={last}"], ["another config", "warm_start"]),
     "resume_a_hostile_pickle": (["trainer.resume={tmp}/hostile.pt"], ["hostile.pt", "refused", "trust_checkpoint"]),
+    "warm_start_from_another_architecture": (
+        ["model=resnet34", "trainer.warm_start=true", "trainer.resume={last}"],
+        ["last.pt does not fit ResNet-34", "missing keys"],
+    ),
     "unwritable_checkpoint_root": (
         ["seed=45", "trainer.checkpoint_root={tmp}/a_file/ckpt"],
         ["cannot write checkpoints"],
@@ -144,18 +180,17 @@ def _case_args(tmp: Path, extra: list[str]) -> list[str]:
     return flags + base + [a.format(**values) for a in extra if not a.startswith("--")]
 
 
-IN_JOB = {  # cases found once the job runs (data, store, checkpoints); the others before Hydra starts
+IN_JOB = {  # cases found once the job runs (data, store, checkpoints): real commands; the others before Hydra
     "tracking_server_down",
-    "tracking_bad_scheme",
+    "tracking_store_read_only",
     "test_split_lacks_a_class",
     "more_classes_than_num_classes",
     "corrupt_test_image",
     "missing_data",
-    "resume_a_best_pt",
-    "resume_another_configs_checkpoint",
-    "resume_a_hostile_pickle",
+    "warm_start_from_another_architecture",
     "unwritable_checkpoint_root",
 }
+CASE_TIMEOUT_S = 180  # each case alone: a case that hangs fails by itself, not the catalogue
 
 
 def _in_process(argv: list[str]) -> tuple[int, str, str]:
@@ -176,45 +211,37 @@ def _in_process(argv: list[str]) -> tuple[int, str, str]:
     return int(code or 0), out.getvalue(), err.getvalue()
 
 
-@pytest.fixture(scope="module")
-def catalogue_results(workspace: Path) -> dict[str, tuple[int, str, float]]:
-    """Every case run once: command-line mistakes in this process, the others as real commands, two at a
-    time (they are independent and only read the workspace)."""
-    before = snapshot(workspace)
-    results: dict[str, Any] = {}
-    for case in (c for c in CATALOGUE if c not in IN_JOB):
-        start = time.perf_counter()
-        code, out, err = _in_process(_case_args(workspace, CATALOGUE[case][0]))
-        results[case] = (code, out + err, err, time.perf_counter() - start)
-
-    def one(case: str) -> tuple[int, str, str, float]:
-        start = time.perf_counter()
-        proc = run_cli(_case_args(workspace, CATALOGUE[case][0]), cwd=workspace, timeout=120)
-        return proc.returncode, proc.stdout + proc.stderr, proc.stderr, time.perf_counter() - start
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results.update(zip(sorted(IN_JOB), pool.map(one, sorted(IN_JOB)), strict=True))
-    results["_unchanged"] = snapshot(workspace) == before
-    return results
+def _run_case(case: str, tmp: Path) -> tuple[int, str, str]:
+    """(exit status, all output, stderr): a command-line mistake in this process, the others as real commands."""
+    args = _case_args(tmp, CATALOGUE[case][0])
+    if case not in IN_JOB:
+        code, out, err = _in_process(args)
+        return code, out + err, err
+    proc = run_cli(args, cwd=tmp, timeout=CASE_TIMEOUT_S)
+    return proc.returncode, proc.stdout + proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("catalogue")  # one worker runs the whole catalogue (a module fixture)
+@pytest.mark.xdist_group("catalogue")  # one worker runs every case against its workspace (a module fixture)
 @pytest.mark.parametrize("case", list(CATALOGUE))
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: str, catalogue_results: dict, workspace: Path) -> None:
-    code, output, stderr, seconds = catalogue_results[case]
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: str, workspace: Path) -> None:
+    start = time.perf_counter()
+    code, output, stderr = _run_case(case, workspace)
+    seconds = time.perf_counter() - start
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2, (code, output[-2000:])
     assert len(lines) == 1 and lines[0].startswith("resnet_repro: error:"), output[-2000:]
     for word in CATALOGUE[case][1]:
         assert word.format(tmp=workspace) in lines[0], lines[0]
     assert "Traceback" not in output
-    assert seconds < 60  # a server that does not answer is found in seconds
-    assert catalogue_results["_unchanged"], "a bad input changed the checkpoints or the MLflow store"
+    assert seconds < 90  # a server that does not answer is found in seconds
+    before, hydra_dirs = _BEFORE[workspace]
+    assert snapshot(workspace) == before, "a bad input changed the checkpoints or the MLflow store"
     assert not (workspace / "MARKER").exists()
     assert not list((workspace / "ckpt").rglob("*.tmp"))
     leftovers = [p for p in (workspace / "outputs").rglob("*") if p.is_dir() and not any(p.iterdir())]
     assert not leftovers, leftovers  # failed runs leave no empty output folders
+    assert _hydra_dirs(workspace) == hydra_dirs, "a failed run left a Hydra output folder"
 
 
 # ---- checkpoints never run code ------------------------------------------------------------------
@@ -240,6 +267,18 @@ def test_every_load_path_refuses_a_hostile_pickle(tmp_path: Path, tiny_cifar: Pa
             "auto", epochs=2, config_hash="x", fingerprint=None, finished=bool, keep=1, trusted=False
         )
     assert not marker.exists()
+
+
+def test_a_zero_byte_checkpoint_is_one_line_on_every_load_path(tmp_path: Path) -> None:
+    from resnet_repro import get_model
+    from resnet_repro.errors import UserError
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    calls = (lambda: get_model(empty), lambda: get_model("resnet18_8xb16_cifar10", pretrained=empty))
+    for call in (*calls, lambda: checkpoint.load(empty)):
+        with pytest.raises(UserError, match=r"empty\.pt is empty \(0 bytes\), not a checkpoint"):
+            call()
 
 
 def test_trusted_opt_in_loads_a_file_with_other_types(tmp_path: Path) -> None:
@@ -271,10 +310,10 @@ FAULT_RUN = [
 ]
 
 
-def _killed_at(point: str, tmp: Path) -> subprocess.CompletedProcess:
+def _killed_at(point: str, tmp: Path, extra: Sequence[str] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "RESNET_REPRO_CRASH_AT": point, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "resnet_repro", *FAULT_RUN, *train_args(tmp)],
+        [sys.executable, "-m", "resnet_repro", *FAULT_RUN, *extra, *train_args(tmp)],
         cwd=tmp,
         env=env,
         capture_output=True,
@@ -406,3 +445,120 @@ def test_a_cifar_archive_that_wants_code_run_is_refused(tmp_path: Path, tiny_cif
     with pytest.raises(DataError, match="refused"):
         cifar(ds, train=False)
     assert not marker.exists()
+
+
+# ---- stuck states (issue 20): each says what it does, and the obvious command works -----------------
+def _fake_last(path: Path, epoch: int, *, best_epoch: int | None = None, run_id: str = "r1") -> Path:
+    """A last.pt with what the resume policy reads (epoch, owner, data, best, run), written as training does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"epoch": epoch, "optimizer": {}, "config_hash": "h", "data_fingerprint": "d", "mlflow_run_id": run_id}
+    state |= {"best_epoch": epoch if best_epoch is None else best_epoch, "model": {"w": torch.full((2,), epoch)}}
+    checkpoint.save_atomic(state, path)
+    return path
+
+
+def _choose(folder: checkpoint.RunFolder, mode: str = "auto", finished: bool = False) -> checkpoint.Resume:
+    return folder.resume_or_archive(
+        mode, epochs=2, config_hash="h", fingerprint="d", finished=lambda run_id: finished, keep=2, trusted=False
+    )
+
+
+def test_a_truncated_last_pt_names_the_way_out_and_resume_none_takes_it(tmp_path: Path) -> None:
+    from resnet_repro.errors import UserError
+
+    folder = checkpoint.RunFolder(tmp_path / "run")
+    _fake_last(folder.last, 1)
+    folder.last.write_bytes(folder.last.read_bytes()[:500])
+    with pytest.raises(UserError, match=r"cannot read checkpoint .*last\.pt.*; trainer\.resume=none starts"):
+        _choose(folder)
+    assert _choose(folder, "none").action == "fresh"  # the unreadable file is moved aside, not read
+    assert not folder.last.exists() and len(list(tmp_path.glob("run.*/last.pt"))) == 1
+
+
+def test_a_truncated_best_pt_is_rebuilt_or_moved_aside_never_blocking(tmp_path: Path) -> None:
+    folder = checkpoint.RunFolder(tmp_path / "run")
+    _fake_last(folder.last, 1)  # epoch 1 was the best: last.pt holds its model
+    folder.best.write_bytes(b"\x80truncated")
+    assert _choose(folder).action == "continue"
+    assert checkpoint.load(folder.best)["epoch"] == 1  # rebuilt from last.pt
+    _fake_last(folder.last, 2)  # a finished run (skip_finished=false trains it again): archived, not read
+    folder.best.write_bytes(b"")
+    assert _choose(folder, finished=True).action == "fresh" and not folder.best.exists()
+
+
+def test_resuming_a_finished_runs_last_pt_refuses_rather_than_copying_its_epochs(tmp_path: Path) -> None:
+    from resnet_repro.errors import UserError
+
+    last = _fake_last(tmp_path / "old" / "last.pt", 2)
+    folder = checkpoint.RunFolder(tmp_path / "run")
+    with pytest.raises(UserError, match="is complete .* and its MLflow run r1 finished: nothing to resume"):
+        _choose(folder, str(last), finished=True)
+    assert _choose(folder, str(last), finished=False).action == "finish"  # its books only, in its own run
+
+
+def test_a_run_deleted_in_mlflow_is_not_adopted(tmp_path: Path) -> None:
+    from resnet_repro.tracking import Tracker
+
+    uri = train_args(tmp_path)[0].removeprefix("tracking.uri=")
+    tracker = Tracker(uri, "resnet_repro")
+    gone = tracker.start("gone", {"run_type": "train"})
+    tracker.client.delete_run(gone)
+    again = Tracker(uri, "resnet_repro")
+    assert again.status(gone) is None
+    assert not again.open("new", adopt=gone, tags={}, params={}, texts={}, resumed_tags={})
+    assert again.run_id != gone
+
+
+def test_no_room_for_two_checkpoints_stops_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from resnet_repro.errors import UserError
+
+    model = torch.nn.Linear(100, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 100)).sum().backward()
+    optimizer.step()
+    checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "last.pt")
+    assert checkpoint.estimated_size(model) >= (tmp_path / "last.pt").stat().st_size * 0.9
+    checkpoint.check_room(tmp_path, model)  # a real disk has room for 4 KB
+    full = type("Usage", (), {"free": 5000})()
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: full)
+    with pytest.raises(UserError, match=r"only 0 MB free in .*checkpoint_root"):
+        checkpoint.check_room(tmp_path, model)
+
+
+# ---- counted twice (issue 20) --------------------------------------------------------------------
+@pytest.mark.slow
+def test_one_config_started_from_two_checkpoint_roots_at_once_trains_once(tmp_path: Path) -> None:
+    args = [*FAULT_RUN, *train_args(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-m", "resnet_repro", *args, f"trainer.checkpoint_root={tmp_path}/{root}"],
+            cwd=tmp_path,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for root in ("ckpt_a", "ckpt_b")
+    ]
+    ends = [(p.wait(timeout=600), *p.communicate()) for p in starts]
+    codes = sorted(code for code, _, _ in ends)
+    assert codes == [0, 2], [err[-2000:] for _, _, err in ends]
+    (refused,) = [err for code, _, err in ends if code == 2]
+    assert refused.count("\n") == 1 and "already being trained by pid" in refused, refused
+    (run,) = mlflow_runs(tmp_path)  # the one that gave way left no run behind
+    assert run.info.status == "FINISHED" and len(history(tmp_path, run.info.run_id, "val_top1")) == 2
+
+
+@pytest.mark.slow
+def test_a_restart_without_checkpoints_logs_no_epoch_twice(tmp_path: Path) -> None:
+    extra = ["trainer.checkpoints=none"]
+    killed = _killed_at("after-epoch-1", tmp_path, extra)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    again = run_cli([*FAULT_RUN, *extra, *train_args(tmp_path)], cwd=tmp_path)
+    assert again.returncode == 0 and "closed (KILLED)" in again.stdout, again.stderr[-3000:]
+    runs = {r.info.status: r for r in mlflow_runs(tmp_path)}
+    assert sorted(runs) == ["FINISHED", "KILLED"]
+    assert len(history(tmp_path, runs["KILLED"].info.run_id, "val_top1")) == 1  # epoch 1, once
+    for key in EPOCH_METRICS:
+        assert len(history(tmp_path, runs["FINISHED"].info.run_id, key)) == 2, key  # each epoch once

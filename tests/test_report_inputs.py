@@ -169,3 +169,86 @@ def test_help_says_what_export_writes(capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 0 and "every training run of the 22 table rows, counting or not (smoke runs too)" in text
     for flag in ("--export", "--runs", "--allow-empty", "--fetch-logs", "--readme", "--out", "--tracking-uri"):
         assert flag in out
+
+
+# ---- issue 20: one line each; nothing counted from a null or twice ------------------------------
+def _store_with_runs(tmp: Path, values: list[list[float]]) -> str:
+    """A store (a copy of an empty one) with one finished training run of ROW per list of epoch top-1s."""
+    from resnet_repro.tracking import Tracker
+    from tests.conftest import train_args
+
+    uri = train_args(tmp)[0].removeprefix("tracking.uri=")
+    for i, top1 in enumerate(values):
+        tracker = Tracker(uri, "resnet_repro")
+        tracker.start(f"r{i}", {"row": ROW, "run_type": "train", "faithful": "true", "config_hash": "h0"})
+        for epoch, value in enumerate(top1, start=1):
+            tracker.log_metrics({"val_top1": value}, step=epoch)
+            time.sleep(0.002)  # one step logged twice: two timestamps
+        tracker.finish()
+    return uri
+
+
+def test_export_into_a_read_only_folder_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import read_only
+
+    monkeypatch.chdir(tmp_path)
+    uri = _store_with_runs(tmp_path, [[50.0]])
+    (tmp_path / "logs").mkdir()
+    with read_only(tmp_path / "logs"):
+        code, _, err = run_report(["--tracking-uri", uri, "--export", "--runs", "logs", "--no-readme"], capsys)
+    assert one_line_error(code, err, "cannot write run records to logs", "--runs"), err
+
+
+def test_the_last_value_logged_for_an_epoch_stands_in_the_export(tmp_path: Path) -> None:
+    """An epoch logged again (a restart re-trained it): the later value stands, whatever the values' order."""
+    from resnet_repro.tracking import read_runs
+
+    uri = _store_with_runs(tmp_path, [[90.0, 10.0, 20.0]])
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as con:  # the three values: one epoch
+        con.execute("UPDATE metrics SET step = 1 WHERE key = 'val_top1'")
+        con.commit()
+    (run,) = read_runs(uri, "resnet_repro", histories=records.EPOCH_KEYS)
+    assert records.from_store(run)["epochs"] == [{"epoch": 1, "val_top1": 20.0}]
+
+
+def test_a_record_with_a_text_start_time_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    records.write({**make_record("r1"), "start_time": "2026-11-29 10:00"}, tmp_path / "results" / "logs")
+    code, _, err = run_report([], capsys)
+    assert one_line_error(code, err, "r1.json", "start_time is '2026-11-29 10:00'"), err
+
+
+def test_a_null_top1_never_counts_and_one_identity_counts_once() -> None:
+    from resnet_repro.report import select
+
+    null = {**make_record("null", seed=3), "metrics": {"val_top1": None, "epochs_completed": 3.0}}
+    identity = {"config_hash": "h0", "data_fingerprint": "d0"}
+    first, again = (make_record(run_id, top1=(94.0 + i,)) for i, run_id in enumerate(("first", "again")))
+    for record, start in ((first, 1), (again, 2)):  # two checkpoint roots, one experiment
+        record.update(start_time=start, params={"recipe.epochs": "1", "seed": "0"})
+        record["tags"].update(identity)
+    frame = select.runs_frame([null, again, first]).set_index("run_id")
+    assert not frame.loc["null", "counts"] and frame.loc["null", "reason"] == "no val_top1"
+    assert frame.loc["first", "counts"] and not frame.loc["again", "counts"]
+    assert frame.loc["again", "reason"] == "counted once: run first has the same config, seed and data"
+    assert list(select.of_row(frame.reset_index(), "train", ROW)["run_id"]) == ["first"]
+
+
+def test_a_store_locked_longer_than_sqlite_waits_is_named_locked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from resnet_repro.tracking import store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(store, "LOCK_WAIT_S", 0.5)
+    uri = _store_with_runs(tmp_path, [[50.0]])
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)) as writer:
+        writer.execute("BEGIN EXCLUSIVE")  # a long write of another process
+        code, _, err = run_report(["--tracking-uri", uri, "--no-readme"], capsys)
+        writer.execute("ROLLBACK")
+    assert one_line_error(code, err, "mlflow.db stayed locked by another process for 0.5 s"), err
+    assert "not an SQLite database" not in err

@@ -17,8 +17,9 @@ import numpy as np
 import torchvision
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.datasets.utils import calculate_md5, download_and_extract_archive
+from torchvision.datasets.utils import calculate_md5, extract_archive
 
+from resnet_repro.download import DownloadError, fetch
 from resnet_repro.errors import UserError
 
 
@@ -156,18 +157,23 @@ def ensure_present(cfg: Mapping[str, Any]) -> None:
         raise DataError(f"no {cfg['name']} data in {root}; set dataset.download=true, or set dataset.root")
     url = CIFAR[cfg["name"]].url if fmt == "pickle" else CUB_URL
     created = [p for p in (root, *root.parents) if not p.exists()]
+    # torchvision's address and md5 of the release (read later as plain data); our downloader, as torchvision's
+    # has no timeout (resnet_repro.download says why)
+    archive, into, md5 = (
+        (root / CIFAR[cfg["name"]].filename, root, CIFAR[cfg["name"]].tgz_md5)
+        if fmt == "pickle"
+        else (root.parent / Path(CUB_URL).name, root.parent, CUB_MD5)
+    )
     try:
-        if fmt == "pickle":  # torchvision's address and md5 of the release; read later as plain data
-            cls = CIFAR[cfg["name"]]
-            download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
-        else:
-            download_and_extract_archive(CUB_URL, str(root.parent), md5=CUB_MD5)
-    except (OSError, RuntimeError) as err:  # no network, a refused or partial download
+        fetch(url, archive, checksum=("md5", md5))
+        extract_archive(str(archive), str(into))
+    except (DownloadError, OSError, RuntimeError) as err:  # no network, a refused, partial or corrupt download
         for folder in created:  # deepest first
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        why = err.reason if isinstance(err, DownloadError) else err
         raise DataError(
-            f"could not download {cfg['name']} into {root} ({err}); download {url}, extract it there, "
+            f"could not download {cfg['name']} into {root} ({why}); download {url}, extract it there, "
             f"or set dataset.root"
         ) from None
 

@@ -21,8 +21,13 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     """Write only when the bytes differ, so an unchanged store leaves every file (and its mtime) alone."""
     if not changes(path, data):
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as err:
+        raise UserError(
+            f"cannot write {path} ({err.strerror or err}); give a folder this process can write with --out"
+        ) from None
     return True
 
 

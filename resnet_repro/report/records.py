@@ -126,8 +126,14 @@ def write(record: Mapping[str, Any], root: Path) -> Path:
     path = root / relative_path(record)
     text = dumps(record).encode()
     if not (path.is_file() and path.read_bytes() == text):  # an unchanged record keeps its mtime
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(text)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(text)
+        except OSError as err:
+            raise UserError(
+                f"cannot write run records to {root} ({err.strerror or err}: {err.filename or path}); give a "
+                "folder this process can write with --runs"
+            ) from None
     return path
 
 
@@ -144,10 +150,17 @@ def _invalid(record: Any) -> str:
         return f"missing or mistyped {', '.join(wrong)}"
     if not all(isinstance(e, dict) and isinstance(e.get("epoch"), int) for e in record["epochs"]):
         return "an entry of epochs without an integer epoch"
+    times = [key for key in ("start_time", "end_time") if not _ms(record.get(key))]
+    if times:
+        return f"{times[0]} is {record.get(times[0])!r}, not milliseconds since the epoch (an integer) or null"
     numbers = [*record["metrics"].values(), *(v for e in record["epochs"] for v in e.values())]
     if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in numbers):
         return "a metric that is not a number"
     return ""
+
+
+def _ms(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def load(path: Path) -> Record:

@@ -20,6 +20,9 @@ Verdict per row and metric, over the counting runs (seeds): `reproduced` when |m
 2 × sample std over seeds), the std only with two seeds or more (0.3 points is ImageNet's seed-to-seed
 noise, pytorch/vision#4115); otherwise `not reproduced (Δ -0.84)`; `—` without a counting run.
 
+A training run of the same config, seed and data as a counting run that started earlier (tags config_hash and
+data_fingerprint) does not count: one experiment is counted once.
+
 Cost: device-hours of a row's counting runs, the sum of epoch_time_s × world_size / 3600.
 """
 
@@ -61,7 +64,7 @@ CSV_COLUMNS = [
     "world_size",
     "device_hours",
 ]
-EXTRA_COLUMNS = ["params_n", "flops_g", "checkpoint", "source_run_id", "has_curves", "_order", "_start_ms"]
+EXTRA_COLUMNS = ["params_n", "flops_g", "checkpoint", "source_run_id", "has_curves", "_order", "_start_ms", "_identity"]
 
 
 def _num(value: Any) -> float | None:
@@ -122,7 +125,7 @@ def _reasons(run: Mapping[str, Any]) -> tuple[list[str], list[str]]:
         return [f"not a table row ({row or 'no row tag'})"], []
     reasons = [] if run["status"] == "FINISHED" else [f"not finished ({run['status']})"]
     metric = "val_top1" if run_type == "train" else "test_top1"
-    if metric not in run["metrics"]:
+    if run["metrics"].get(metric) is None:  # absent, or null (NaN/inf in the store): no number to count
         reasons.append(f"no {metric}")
     reasons += _faithfulness(tags)  # an eval on a cut test split or another transform is no re-test either
     if run_type == "train" and run["status"] == "FINISHED":
@@ -204,6 +207,9 @@ def _line(record: Record, order: dict[str, int]) -> dict[str, Any]:
         "has_curves": bool(record.get("epochs")),
         "_order": order.get(row_of(record), len(order)),
         "_start_ms": int(record.get("start_time") or 0),
+        "_identity": f"{tags.get('config_hash', '')}/{tags.get('data_fingerprint', '')}"
+        if tags.get("config_hash")
+        else "",
     }
 
 
@@ -211,7 +217,22 @@ def runs_frame(records: Sequence[Record]) -> pd.DataFrame:
     """One line per run (CSV_COLUMNS plus what the tables need), in table-row order, then start time."""
     order = {name: i for i, name in enumerate(rows_by_name())}
     frame = pd.DataFrame.from_records([_line(r, order) for r in records], columns=[*CSV_COLUMNS, *EXTRA_COLUMNS])
-    return frame.sort_values(["_order", "_start_ms", "run_id"], kind="stable").reset_index(drop=True)
+    frame = frame.sort_values(["_order", "_start_ms", "run_id"], kind="stable").reset_index(drop=True)
+    return _count_once(frame)
+
+
+def _count_once(frame: pd.DataFrame) -> pd.DataFrame:
+    """Two training runs of one identity (config hash: config and seed; data fingerprint) are one experiment
+    done twice (two checkpoint roots, or a retrain): the first to start counts, the others are named beside it."""
+    counting = frame[(frame["run_type"] == "train") & frame["counts"].astype(bool) & (frame["_identity"] != "")]
+    for _, same in counting.groupby("_identity", sort=False):
+        first = same["run_id"].iloc[0]
+        for index in same.index[1:]:
+            frame.loc[index, ["counts", "reason"]] = [
+                False,
+                f"counted once: run {first} has the same config, seed and data",
+            ]
+    return frame
 
 
 def of_row(frame: pd.DataFrame, run_type: str, row: str, flag: str = "counts") -> pd.DataFrame:

@@ -9,7 +9,7 @@ What a training run records (the report reads these names):
   sweep, git_commit, hydra_overrides, world_size, device, device_name, data_verified, data_fingerprint,
   data_on_device, val_limited, tf32 (fp32 convs/matmuls may use TF32), bn_group_kernel,
   decode (cpu / device: where JPEGs were decoded and cropped), output_dir, checkpoint_dir,
-  pid/host (who writes it), versions
+  pid/host/claimed_at (who writes it, since when), versions
 - params: the flattened composed config (recipe.epochs, ...) plus the batch plan (batch_global,
   batch_per_device, batch_forward, batch_micro, bn_group, accum_steps), num_train, num_val
 - metrics per epoch (step = epoch, 1-based): train_loss, lr, val_top1, val_top5 (percent),
@@ -17,6 +17,9 @@ What a training run records (the report reads these names):
   interval (step = optimizer step): step/train_loss, step/lr;
   once: params, flops_g; at the end: best_val_top1, epochs_completed
 - artifacts: config/config.yaml (resolved), config/overrides.yaml, the job's log, best.pt on request
+
+Once a run is open, `keep_pending` routes its writes through tracking.outbox: a store that goes away during
+the run does not stop it (the writes are kept in the checkpoint folder and sent when it answers again).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from resnet_repro.errors import UserError
-from resnet_repro.tracking.uri import PROBE_ENV, mlflow_environ, resolve_uri, retrying, sqlite_path
+from resnet_repro.tracking.outbox import PENDING_FILE, GuardedClient, Outbox, deliver
+from resnet_repro.tracking.uri import PROBE_ENV, mlflow_environ, mlflow_quiet, resolve_uri, retrying, sqlite_path
 
 FINISHED = "FINISHED"
 
@@ -42,6 +46,7 @@ class Tracker:
     def __init__(self, uri: str | None, experiment: str, enabled: bool = True) -> None:
         self.uri, self.experiment, self.enabled = resolve_uri(uri), experiment, enabled
         self.run_id: str | None = None
+        self.claimed_at: float = float("inf")  # when this process took its run up (ms), for rival starts
         self._client: Any = None
         self._experiment_id: str | None = None
 
@@ -71,15 +76,23 @@ class Tracker:
         return self._client
 
     def probe(self) -> None:
-        """Check the store answers (a few seconds at most); a UserError naming tracking.uri otherwise."""
+        """Check the store answers and takes a write (a few seconds at most), so that a store that only reads
+        fails now, not at the first metric; a UserError naming tracking.uri otherwise."""
         try:
             with mlflow_environ(PROBE_ENV):  # not after minutes of MLflow's retries
                 self.client.search_experiments(max_results=1)
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(
-                f"tracking.uri={self.uri} does not answer as an MLflow store ({first[:200]}); allowed: "
+                f"tracking.uri={self.uri} does not answer as an MLflow store ({_first_line(err)}); allowed: "
                 f"sqlite:///<file>, file:<folder>, http(s)://<server>:<port>"
+            ) from None
+        try:
+            with mlflow_environ(PROBE_ENV), mlflow_quiet():
+                self.client.set_experiment_tag(self.experiment_id(), "resnet_repro.writable", "true")
+        except Exception as err:
+            raise UserError(
+                f"tracking.uri={self.uri}: cannot write to this MLflow store ({_first_line(err)}); give a store "
+                "this process can write (file permissions, free space)"
             ) from None
 
     @retrying
@@ -114,9 +127,10 @@ class Tracker:
 
     @retrying
     def status(self, run_id: str) -> str | None:
-        """The run's status, None when this store has no such run."""
+        """The run's status, None when this store has no such run (or it was deleted: it is never written again)."""
         try:
-            return self.client.get_run(run_id).info.status
+            info = self.client.get_run(run_id).info
+            return None if info.lifecycle_stage == "deleted" else info.status
         except Exception as err:
             if "RESOURCE_DOES_NOT_EXIST" in str(err) or "not found" in str(err).lower():
                 return None
@@ -127,18 +141,51 @@ class Tracker:
         host, closed = platform.node(), []
         for run in self.search(f"tags.config_hash = '{config_hash}' and attributes.status = 'RUNNING'"):
             tags = run.data.tags
-            if run.info.run_id == keep or tags.get("host") != host or _alive(tags.get("pid", "")):
+            if run.info.run_id == keep or tags.get("host") != host or pid_alive(tags.get("pid", "")):
                 continue
             self.client.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_id)
         return closed
+
+    def running(self, config_hash: str, fingerprint: str | None) -> list[dict[str, Any]]:
+        """The RUNNING training runs of this config (and seed) on this data other than ours: run_id, tags and
+        claimed (ms: when its process took it up; its start for runs without the tag)."""
+        query = f"tags.config_hash = '{config_hash}' and tags.run_type = 'train' and attributes.status = 'RUNNING'"
+        if fingerprint is not None:
+            query += f" and tags.data_fingerprint = '{fingerprint}'"
+        return [
+            {
+                "run_id": run.info.run_id,
+                "tags": dict(run.data.tags),
+                "claimed": int(run.data.tags.get("claimed_at") or run.info.start_time or 0),
+            }
+            for run in self.search(query)
+            if run.info.run_id != self.run_id
+        ]
+
+    def withdraw(self, adopted: bool) -> None:
+        """Give the run up before training (another process trains this config): a run this start created is
+        deleted, an adopted one is left KILLED."""
+        if not self.active:
+            return
+        if adopted:
+            self.close_run(self.run_id, "KILLED")
+        else:
+            retrying(self.client.delete_run)(self.run_id)
+        self.run_id = None
+
+    @retrying
+    def close_run(self, run_id: str, status: str) -> None:
+        """End another run of ours (not the one this tracker writes)."""
+        self.client.set_terminated(run_id, status=status)
 
     @retrying
     def start(self, run_name: str, tags: Mapping[str, Any], run_id: str | None = None) -> str | None:
         """Open a new run, or continue `run_id` (a resumed job) unless it FINISHED; returns the run id."""
         if not self.enabled:
             return None
-        owner = {"pid": os.getpid(), "host": platform.node()}
+        owner = {"pid": os.getpid(), "host": platform.node(), "claimed_at": int(time.time() * 1000)}
+        self.claimed_at = owner["claimed_at"]
         if run_id is not None:
             if self.status(run_id) == FINISHED:
                 raise UserError(f"MLflow run {run_id} is FINISHED and is never written again; use trainer.resume=none")
@@ -212,6 +259,30 @@ class Tracker:
         if self.active:
             self.client.set_terminated(self.run_id, status=status)
 
+    # ---- a store that goes away during the run (tracking.outbox) ---------------------------------
+    def keep_pending(self, folder: Path) -> None:
+        """From now on a write the store does not take is kept in `folder` and sent later (never raised)."""
+        if self.enabled and not isinstance(self._client, GuardedClient):
+            self._client = GuardedClient(self.client, Outbox(folder / PENDING_FILE, self.uri))
+
+    @property
+    def pending(self) -> int:
+        """Writes kept because the store did not take them (0 once all were sent)."""
+        return len(self._client.outbox) if isinstance(self._client, GuardedClient) else 0
+
+    @property
+    def pending_file(self) -> Path | None:
+        return self._client.outbox.path if isinstance(self._client, GuardedClient) else None
+
+    def flush(self) -> bool:
+        """Try once more to send what is kept; True when nothing is left."""
+        return self._client.outbox.flush(self._client.inner) if isinstance(self._client, GuardedClient) else True
+
+    def deliver_pending(self, folder: Path) -> int:
+        """Send what an earlier run of this folder could not (its end, when the store was away then); the number
+        of writes still kept."""
+        return deliver(self.client, folder / PENDING_FILE, self.uri) if self.enabled else 0
+
     @retrying
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
@@ -226,7 +297,13 @@ class Tracker:
                 self.log_metrics(metrics, step=epoch)
 
 
-def _alive(pid: str) -> bool:
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
+def pid_alive(pid: str) -> bool:
+    """Whether process `pid` of this host lives (an unknown pid counts as living: left alone)."""
     if not pid.isdigit():
         return True  # unknown owner: leave it alone
     try:

@@ -18,12 +18,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 from resnet_repro.errors import UserError
-from resnet_repro.tracking.uri import PROBE_ENV, mlflow_environ, resolve_uri, retrying, sqlite_path
+from resnet_repro.tracking.uri import PROBE_ENV, SCHEMES, mlflow_environ, resolve_uri, retrying, sqlite_path
 
-# the URI schemes MLflow has tracking stores for (its registry, plus SQLAlchemy dialects like postgresql+psycopg2)
-SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 MLFLOW_TABLES = {"experiments", "runs", "metrics", "params", "tags"}
 PAGE = 1000  # runs per search request: the store's own page size, followed by page tokens to the end
+LOCK_WAIT_S = 60.0  # how long a read waits for a writer's lock (sqlite's default is 5 s)
 QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # one bar per run's config file is noise
 
 
@@ -72,8 +71,15 @@ def _check_sqlite(uri: str) -> None:
     if db.stat().st_size == 0:
         raise UserError(f"{db} is empty (0 bytes), not an MLflow store")
     try:  # read-only: an MLflow client would create its tables in a database that lacks them
-        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=LOCK_WAIT_S)) as con:
             tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError as err:
+        if "locked" not in str(err):
+            raise UserError(f"{db} cannot be read as an SQLite database ({err})") from None
+        raise UserError(
+            f"{db} stayed locked by another process for {LOCK_WAIT_S:g} s (a long write: a training run or "
+            "another report); run the report again when it is done"
+        ) from None
     except sqlite3.DatabaseError as err:
         raise UserError(f"{db} is not an SQLite database ({err})") from None
     if not tables >= MLFLOW_TABLES:
@@ -153,7 +159,10 @@ def _plain(client: Any, run: Any, experiment: str, histories: Sequence[str], art
 
 
 def _history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in retrying(client.get_metric_history)(run_id, key))
+    """(step, value) in step order, values of one step in the order they were logged (their timestamps): the
+    last value logged for a step is the last of its points (as after a resume that re-logs an epoch)."""
+    points = sorted(retrying(client.get_metric_history)(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return [(m.step, m.value) for m in points]
 
 
 def _artifact_text(client: Any, run_id: str, path: str) -> str | None:
