@@ -5,15 +5,19 @@ beside it, no server. `tracking.uri=http://host:5000` (or any MLflow URI) uses a
 Parallel jobs share one SQLite file; every call retries while SQLite reports the database locked.
 
 What a training run records (the report reads these names):
-- tags: row, section, config_hash, faithful ("true"/"false"), deviations, run_type ("train"/"eval"),
-  sweep, git_commit, hydra_overrides, world_size, device, device_name, data_verified, data_fingerprint,
-  data_on_device, val_limited, output_dir, checkpoint_dir, pid/host (who writes it), versions
+- tags: row, section, config_hash, faithful ("true"/"false"), deviations, run_type ("train"/"eval";
+  "sweep" for a sweep's own run), sweep, git_commit, hydra_overrides, world_size, device, device_name,
+  data_verified, data_fingerprint, data_on_device, val_limited, output_dir, checkpoint_dir, pid/host (who
+  writes it), versions; MLflow's standard ones (tracking.standard): mlflow.source.*, mlflow.user, and
+  mlflow.parentRunId for a sweep's job (and an evaluation of our checkpoint: its training run)
 - params: the flattened composed config (recipe.epochs, ...) plus the batch plan (batch_global,
-  batch_per_device, batch_forward, batch_micro, bn_group, accum_steps), num_train, num_val
+  batch_per_device, batch_forward, batch_micro, bn_group, accum_steps), num_train, num_val,
+  steps_per_epoch, num_params, flops_g (runs before these two params logged them as metrics params, flops_g)
 - metrics per epoch (step = epoch, 1-based): train_loss, lr, val_top1, val_top5 (percent),
   epoch_time_s, train_img_per_s; every log interval (step = optimizer step): step/train_loss, step/lr;
-  once: params, flops_g; at the end: best_val_top1, epochs_completed
-- artifacts: config/config.yaml (resolved), config/overrides.yaml, the job's log, best.pt on request
+  at the end: best_val_top1, epochs_completed; system/* (MLflow's system metrics, tracking.system_metrics)
+- artifacts: config/config.yaml (resolved), config/overrides.yaml, the job's log, best.pt on request;
+  the final model as an MLflow model on request (tracking.log_model)
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_repro.errors import UserError
+from resnet_repro.tracking import standard
 from resnet_repro.tracking.uri import PROBE_ENV, mlflow_environ, resolve_uri, retrying, sqlite_path
 
 FINISHED = "FINISHED"
@@ -41,6 +46,7 @@ class Tracker:
         self.run_id: str | None = None
         self._client: Any = None
         self._experiment_id: str | None = None
+        self._monitor: Any = None  # MLflow's system-metrics thread (tracking.standard)
 
     @property
     def active(self) -> bool:
@@ -143,7 +149,10 @@ class Tracker:
             self.run_id = run_id
             self.set_tags(owner)
         else:
-            tags = {k: str(v) for k, v in {**tags, **owner}.items()}
+            job = tags.get("run_type") != "sweep" and tags.get("sweep")
+            parent = standard.sweep_parent(str(tags["sweep"]), self.uri, self.experiment) if job else None
+            link = {standard.PARENT: parent} if parent else {}  # a sweep's job: a child of the sweep's run
+            tags = {k: str(v) for k, v in {**tags, **owner, **link}.items()}
             self.run_id = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
         return self.run_id
 
@@ -156,19 +165,24 @@ class Tracker:
         params: Mapping[str, Any],
         texts: Mapping[str, str],
         resumed_tags: Mapping[str, Any],
+        system_metrics: bool = False,
     ) -> bool:
         """Continue the run `adopt` when this store has it and it is not FINISHED (a job killed before), tagging
         it with `resumed_tags`; otherwise start a new run that records `tags`, `params` and the `texts`
-        artifacts. True when a run was adopted."""
-        if adopt is not None and self.status(adopt) not in (None, FINISHED):
+        artifacts. True when a run was adopted. `system_metrics`: MLflow's CPU/memory/GPU sampling until
+        `finish`."""
+        adopted = adopt is not None and self.status(adopt) not in (None, FINISHED)
+        if adopted:
             self.start(run_name, {}, run_id=adopt)
             self.set_tags(resumed_tags)
-            return True
-        self.start(run_name, tags)
-        self.log_params(params)
-        for artifact, text in texts.items():
-            self.log_text(text, artifact)
-        return False
+        else:
+            self.start(run_name, tags)
+            self.log_params(params)
+            for artifact, text in texts.items():
+                self.log_text(text, artifact)
+        if system_metrics and self.active:
+            self._monitor = standard.start_system_metrics(self.uri, str(self.run_id), resume=adopted)
+        return adopted
 
     @retrying
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -202,10 +216,34 @@ class Tracker:
         if self.active and path.is_file():
             self.client.log_artifact(self.run_id, str(path), folder)
 
-    @retrying
     def finish(self, status: str = FINISHED) -> None:
+        standard.stop_system_metrics(self._monitor)
+        self._monitor = None
+        self._terminate(status)
+
+    @retrying
+    def _terminate(self, status: str) -> None:
         if self.active:
             self.client.set_terminated(self.run_id, status=status)
+
+    def log_model(self, model: Any, input_size: int) -> str | None:
+        """The model as an MLflow model of this run (tracking.log_model=true); its URI."""
+        if not self.active:
+            return None
+        return standard.log_model(self.uri, self.experiment_id(), str(self.run_id), model, input_size)
+
+    def name_of(self, run_id: str) -> str | None:
+        """The run's name, None when this store has no such run."""
+        return self.run_name_or_none(run_id) if self.status(run_id) is not None else None
+
+    @retrying
+    def run_name_or_none(self, run_id: str) -> str | None:
+        return self.client.get_run(run_id).info.run_name
+
+    @retrying
+    def final_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of each metric of a run (e.g. a finished run a re-issued sweep skips)."""
+        return dict(self.client.get_run(run_id).data.metrics)
 
     @retrying
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -271,6 +309,10 @@ def flat_params(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: json.dumps(node) if isinstance(node, list) else node}
 
 
+ENTRY_POINTS = {"train": "resnet_repro", "eval": "resnet_repro.test", "sweep": "resnet_repro --multirun"}
+
+
 def provenance_tags(**tags: Any) -> dict[str, Any]:
-    """The given tags plus the git commit and library versions."""
-    return {**tags, "git_commit": git_commit(), **{f"version.{k}": v for k, v in versions().items()}}
+    """The given tags plus the git commit, library versions and MLflow's standard source tags."""
+    source = standard.source_tags(ENTRY_POINTS.get(str(tags.get("run_type")), "resnet_repro"))
+    return {**tags, "git_commit": git_commit(), **{f"version.{k}": v for k, v in versions().items()}, **source}
