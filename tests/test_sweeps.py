@@ -75,11 +75,17 @@ def test_multirun_groups_its_runs_and_a_reissued_sweep_skips_finished_jobs(tiny_
     for run_id, top1 in lines.items():  # the finished run's result and id, not `SKIPPED top-1 —`
         assert any(x.split()[1] == "SKIPPED" and top1 in x and x.endswith(f"run {run_id}") for x in skipped), skipped
 
-    # the report on these two tiny runs: their numbers beside the published ones (they do not count: 1 epoch)
+    # the report on these two tiny runs: their numbers beside the published ones (they do not count: 1 epoch,
+    # so only --all-runs writes them under --out)
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- results:begin -->\n<!-- results:end -->\n")
     report = run_cli(
-        [f"--tracking-uri=sqlite:///{tmp_path}/mlflow.db", f"--out={tmp_path}/results", f"--readme={readme}"],
+        [
+            f"--tracking-uri=sqlite:///{tmp_path}/mlflow.db",
+            f"--out={tmp_path}/results",
+            f"--readme={readme}",
+            "--all-runs",
+        ],
         cwd=tmp_path,
         module="resnet_repro.report",
     )

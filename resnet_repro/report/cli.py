@@ -205,14 +205,15 @@ def summary(frame: pd.DataFrame, runs: Runs, readme: Path | None) -> str:
     return "\n".join(lines)
 
 
-def refuse_empty(files: Mapping[Path, bytes], allow: bool) -> bool:
-    """With no run at all: True (and why, on stderr) when writing would change an existing file."""
+def refuse_empty(files: Mapping[Path, bytes], allow: bool, others: int = 0) -> bool:
+    """With no run for the tables: True (and why, on stderr) when writing would change an existing file."""
     changed = [str(path) for path, data in files.items() if path.exists() and outputs.changes(path, data)]
     if allow or not changed:
         return False
+    none = f"none of the {others} runs changes a table" if others else "no runs in the store or the run records"
     print(
-        f"resnet_repro.report: no runs in the store or the run records: wrote nothing, {len(changed)} existing "
-        "files would change (--allow-empty rewrites them with the published numbers only)",
+        f"resnet_repro.report: {none}: wrote nothing there, {len(changed)} existing files would change "
+        "(--allow-empty rewrites them with the published numbers only)",
         file=sys.stderr,
     )
     return True
@@ -255,10 +256,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.export:
         print(f"{runs.exported} run records exported (--export {args.export})")
-    if not shared and refuse_empty(files, args.allow_empty):
-        return 1
     for path, data in local_files.items():
         outputs.write_if_changed(path, data)
+    if not shared and refuse_empty(files, args.allow_empty, len(mine)):
+        return 1
     changed = [str(path) for path, data in files.items() if outputs.write_if_changed(path, data)]
     print(f"{len(changed)} of {len(files)} files changed" + (f": {', '.join(changed)}" if changed else ""))
     return 0

@@ -70,7 +70,7 @@ def start_system_metrics(uri: str, run_id: str, resume: bool, interval_s: float 
         import psutil  # noqa: F401 - MLflow's CPU monitor needs it; without it: no system metrics, silently
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not its start/stop lines
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # optional: never a line of its own
         monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=uri)
         monitor.start()
         return monitor
