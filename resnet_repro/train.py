@@ -161,14 +161,14 @@ def next_steps(folder: checkpoint.RunFolder, cfg: dict[str, Any]) -> str:
     the MLflow UI), each ready to paste."""
     kept = {"last+best": folder.best, "last": folder.last}.get(str(cfg["trainer"]["checkpoints"]))
     path = _shown(kept) if kept is not None and kept.is_file() else None
-    commands = [(f"python -m resnet_repro.test checkpoint={path}", "test it on its test split")] if path else []
-    commands += [
-        ("python -m resnet_repro.report", "tables and curves (where this run's went: its first lines)"),
-        (ui_command(resolve_uri(cfg["tracking"]["uri"])), "browse the runs in MLflow"),
+    steps = [("test it", f"python -m resnet_repro.test checkpoint={path}")] if path else []
+    steps += [
+        ("curves", "python -m resnet_repro.report"),
+        ("MLflow UI", ui_command(resolve_uri(cfg["tracking"]["uri"]))),
     ]
-    width = max(len(command) for command, _ in commands)
     head = f"best checkpoint: {path}" if path else "no checkpoint kept (trainer.checkpoints=none)"
-    return "\n".join([head, "next:", *(f"  {c.ljust(width)}  # {why}" for c, why in commands)])
+    lines = [f"{'next:' if i == 0 else '':<6}{what:<11}{command}" for i, (what, command) in enumerate(steps)]
+    return "\n".join([head, *lines])
 
 
 def _shown(path: Path) -> str:

@@ -10,6 +10,7 @@ training runs of its jobs.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,15 @@ def _same_folder(a: str, b: str) -> bool:
 
 
 # ---- the table of differences -----------------------------------------------------------------
-def _flat(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _flat(node: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"recipe.optimizer.lr": "0.1", ...} as text, lists as JSON: what MLflow's params hold, so a config read
+    from config.yaml and one read from the params (runs without the artifact) compare equal."""
+    out: dict[str, str] = {}
     for key, value in node.items():
         if isinstance(value, Mapping):
             out |= _flat(value, f"{prefix}{key}.")
         else:
-            out[f"{prefix}{key}"] = value
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else str(value)
     return out
 
 
@@ -112,13 +115,14 @@ def differences(records: Sequence[Record], names: Sequence[str]) -> pd.DataFrame
     flats = [_flat(r["config"]) for r in records]
     keys = sorted({k for f in flats for k in f})
     lines = [{"": k, **{n: f.get(k, "—") for n, f in zip(names, flats, strict=True)}} for k in keys]
-    lines = [line for line in lines if len({str(line[n]) for n in names}) > 1]
+    lines = [line for line in lines if len({line[n] for n in names}) > 1]
     finals = {
         "status": lambda r: r["status"],
         "epochs": lambda r: len(r["epochs"]),
         "last val top-1": lambda r: _fmt(_last(r, "val_top1")),
         "best val top-1": lambda r: _fmt(r["metrics"].get("best_val_top1")),
         "last train loss": lambda r: _fmt(_last(r, "train_loss"), 4),
+        "test top-1": lambda r: _fmt(r["metrics"].get("test_top1")),
         "run id": lambda r: r["run_id"],
     }
     lines += [{"": what, **{n: get(r) for n, r in zip(names, records, strict=True)}} for what, get in finals.items()]
