@@ -51,6 +51,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"tmp": tmp, "proc": proc, "train": train, "test_out": out.getvalue()}
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("demo_run")  # one worker: one run of the module fixture
 def test_a_run_says_what_it_trains_first_and_ends_with_its_checkpoint_and_next_commands(demo_run: dict) -> None:
     tmp, proc, train = demo_run["tmp"], demo_run["proc"], demo_run["train"]
     assert proc.stdout.splitlines()[0] == (
@@ -68,6 +70,8 @@ def test_a_run_says_what_it_trains_first_and_ends_with_its_checkpoint_and_next_c
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("demo_run")  # one worker: one run of the module fixture
 def test_mlflow_shows_source_tags_system_metrics_fixed_facts_as_params_and_a_readable_name(demo_run: dict) -> None:
     train = demo_run["train"]
     tags, params, metrics = train.data.tags, train.data.params, train.data.metrics
@@ -79,6 +83,8 @@ def test_mlflow_shows_source_tags_system_metrics_fixed_facts_as_params_and_a_rea
     assert metrics["system/cpu_utilization_percentage"] >= 0 and "system/system_memory_usage_megabytes" in metrics
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("demo_run")  # one worker: one run of the module fixture
 def test_the_final_model_is_an_mlflow_model_with_a_signature_that_serves_a_batch(demo_run: dict) -> None:
     import mlflow.pyfunc
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
@@ -91,6 +97,8 @@ def test_the_final_model_is_an_mlflow_model_with_a_signature_that_serves_a_batch
     assert model.predict(np.zeros((3, 3, 16, 16), np.float32)).shape == (3, 10)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("demo_run")  # one worker: one run of the module fixture
 def test_our_checkpoint_alone_is_tested_on_its_own_data_and_logged_beside_its_run(demo_run: dict) -> None:
     train = demo_run["train"]
     assert "custom:resnet18-cifar-demo-demo-fp32: test top-1" in demo_run["test_out"]
@@ -182,6 +190,7 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"work": work, "uri": uri, "ids": ids, "before": before, "code": code, "stdout": out.getvalue()}
 
 
+@pytest.mark.xdist_group("clone")
 def test_runs_that_change_no_table_leave_the_tracked_files_alone(clone: dict) -> None:
     work, ids = clone["work"], clone["ids"]
     assert clone["code"] == 0
@@ -195,6 +204,7 @@ def test_runs_that_change_no_table_leave_the_tracked_files_alone(clone: dict) ->
     assert ids["a"] in listed and ids["b"] in listed
 
 
+@pytest.mark.xdist_group("clone")
 def test_compare_draws_runs_named_by_id_name_or_sweep_and_prints_what_differs(clone: dict) -> None:
     from resnet_repro import report
 
@@ -212,6 +222,7 @@ def test_compare_draws_runs_named_by_id_name_or_sweep_and_prints_what_differs(cl
     assert "| run id " in table and ids["b"] in table
 
 
+@pytest.mark.xdist_group("clone")
 def test_compare_refuses_an_unknown_run_in_one_line(clone: dict, capsys: pytest.CaptureFixture[str]) -> None:
     from resnet_repro import report
 
