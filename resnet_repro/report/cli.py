@@ -225,7 +225,7 @@ def compare_runs(args: argparse.Namespace, runs: Runs) -> int:
     names = compare.labels(chosen, args.legend)
     png = compare.figure(chosen, names, args.keys)
     path = compare.figure_path(Path(args.local_out), chosen)
-    print(f"figure: {path} ({len(chosen)} runs: {' '.join(args.keys)})")
+    print(f"figure: {path} ({len(chosen)} run{'s' if len(chosen) != 1 else ''}: {' '.join(args.keys)})")
     print(compare.differences(chosen, names).to_markdown(index=False))
     outputs.write_if_changed(path, png)
     return 0
