@@ -234,10 +234,10 @@ class Tracker:
 
     def name_of(self, run_id: str) -> str | None:
         """The run's name, None when this store has no such run."""
-        return self.run_name_or_none(run_id) if self.status(run_id) is not None else None
+        return self._run_name(run_id) if self.status(run_id) is not None else None
 
     @retrying
-    def run_name_or_none(self, run_id: str) -> str | None:
+    def _run_name(self, run_id: str) -> str | None:
         return self.client.get_run(run_id).info.run_name
 
     @retrying
