@@ -29,8 +29,13 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
 def main(argv: list[str] | None = None) -> None:
     from resnet_repro.cli import prepare_argv
 
-    register_resolvers()
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:  # ours, short and at once (Hydra's: --hydra-help)
+        from resnet_repro.usage import main_help
+
+        print(main_help())
+        return
+    register_resolvers()
     try:
         argv = prepare_argv(argv)
     except UserError as err:

@@ -4,10 +4,14 @@ directory between the ranks of a torchrun launch."""
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime
 
-from resnet_repro import distributed
 from resnet_repro.config import ConfigError, compose, expand_sweep, hydra_internals, user_overrides, validate
+from resnet_repro.tracking.uri import default_uri
+from resnet_repro.usage import banner
+
+SAFE_VALUE = re.compile(r"[\w/:.+-]+")  # a value Hydra's override grammar reads unquoted
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
@@ -34,9 +38,17 @@ def prepare_argv(argv: list[str]) -> list[str]:
         return argv
     overrides = user_overrides(args.overrides)
     jobs = expand_sweep(overrides) if args.multirun else [overrides]
+    first = compose(jobs[0])
+    if not args.multirun and not args.cfg and os.environ.get("RANK", "0") == "0":
+        print(banner(first), flush=True)  # before torch's import: seconds on a loaded machine
+    from resnet_repro import distributed
+
     world = distributed.env_world_size() if distributed.under_torchrun() else None
-    for job in jobs:
-        validate(compose(job), world_size=world)
+    for i, job in enumerate(jobs):
+        validate(compose(job) if i else first, world_size=world)
+    if args.cfg and first.tracking.uri is None:  # show the store the run would use, not `uri: null`
+        uri = default_uri()
+        return [f"tracking.uri={uri if SAFE_VALUE.fullmatch(uri) else repr(uri)}", *argv]  # before any --flag
     if distributed.under_torchrun() and not args.cfg:
         if args.multirun:
             raise ConfigError("--multirun cannot run under torchrun; sweep with trainer.nproc_per_node=N instead")
@@ -46,6 +58,8 @@ def prepare_argv(argv: list[str]) -> list[str]:
 
 def _torchrun_overrides(overrides: list[str]) -> list[str]:
     """All ranks write into rank 0's run directory; only rank 0 writes Hydra's files and log."""
+    from resnet_repro import distributed
+
     distributed.init_from_env()
     extra = []
     if not any(o.startswith("hydra.run.dir=") for o in overrides):

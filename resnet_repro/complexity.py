@@ -6,7 +6,8 @@ element, additions free — over the backbone and pooling only (classifier remov
 (224 ImageNet, 32 CIFAR, 448 CUB). ptflops 0.7.5's pytorch backend with functional counting off
 reproduces it. "Params" count the whole classifier, head included.
 
-    python -m resnet_repro.complexity      # prints the 22 rows, writes results/complexity.{md,csv}
+    python -m resnet_repro.complexity      # a progress line per row (stderr), then the 22 rows; writes
+                                           # results/complexity.{md,csv}
 
 The files go under the current directory's results/ (--out), never into the installed package's tree.
 """
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+from typing import TextIO
 
 import pandas as pd
 from torch import nn
@@ -51,9 +54,11 @@ def _status(row: Row, params: int, flops_g: float) -> str:
     return "ok"
 
 
-def complexity_table(rows: tuple[Row, ...] | None = None) -> pd.DataFrame:
-    records = []
-    for row in rows or all_rows():
+def complexity_table(rows: tuple[Row, ...] | None = None, progress: TextIO | None = None) -> pd.DataFrame:
+    """One line per row; with `progress`, a line there as each row is counted (the 22 take minutes)."""
+    records, rows = [], rows or all_rows()
+    for i, row in enumerate(rows, start=1):
+        start = time.perf_counter()
         model = row_model(row)
         params = count_params(model)
         flops_g = count_flops(model, row.flops_input_px) / 1e9
@@ -70,6 +75,13 @@ def complexity_table(rows: tuple[Row, ...] | None = None) -> pd.DataFrame:
                 "status": _status(row, params, flops_g),
             }
         )
+        if progress is not None:
+            print(
+                f"[{i}/{len(rows)}] {row.name}: {params / 1e6:.2f} M params, {flops_g:.2f} G FLOPs at "
+                f"{row.flops_input_px} px, {records[-1]['status']} ({time.perf_counter() - start:.1f} s)",
+                file=progress,
+                flush=True,
+            )
     return pd.DataFrame.from_records(records)
 
 
@@ -89,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnet_repro.complexity", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for complexity.md / .csv (of the cwd)")
     args = parser.parse_args(argv)
-    df = complexity_table()
+    print(f"counting {len(all_rows())} rows (a line as each is done)", file=sys.stderr, flush=True)
+    df = complexity_table(progress=sys.stderr)
     print(to_markdown(df), end="")
     agree = int((df.status == "ok").sum())
     table_errors = int(df.status.str.startswith("table error").sum())

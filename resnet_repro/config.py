@@ -19,16 +19,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_repro import batches, distributed, schema
+from resnet_repro import batches, schema
 from resnet_repro.batches import BatchPlan
-from resnet_repro.checkpoint import RESUME_MODES, check_resumable, load
 from resnet_repro.errors import UserError
 from resnet_repro.rows import Row, composition_name, get_row, match_row
 from resnet_repro.tracking.run import flat_params
 from resnet_repro.tracking.uri import URI_FORMS, uri_problem
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-GROUP_DIRS = ("model", "stem", "dataset", "recipe", "precision", "row", "trainer", "tracking", "sweep")
+GROUP_DIRS = ("model", "stem", "dataset", "recipe", "precision", "row", "trainer", "tracking", "sweep", "smoke")
+# torch (distributed, checkpoint) is imported only where a check needs it: composing a command line, and the
+# first line a run prints, come before the seconds its import takes
 
 # dataset.* keys that say where the data lies, not what it is: they never change a run's identity
 # (`format` does: an image-folder copy of CIFAR is other data than the official archives)
@@ -287,6 +288,8 @@ def _reference_identity(row: str) -> dict[str, Any]:
 
 
 def batch_plan(cfg: DictConfig, world_size: int | None = None) -> BatchPlan:
+    from resnet_repro import distributed
+
     world = world_size or int(cfg.trainer.nproc_per_node)
     try:
         return batches.plan(cfg, world, distributed.uses_cuda(str(cfg.trainer.device)))
@@ -319,6 +322,8 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         except ValueError as err:
             raise ConfigError(str(err)) from None
     batch_plan(cfg, world_size)
+    from resnet_repro import distributed
+
     try:
         distributed.check_device(str(cfg.trainer.device))
     except UserError as err:
@@ -423,6 +428,8 @@ def _number(value: Any) -> bool:
 def _check_resume(cfg: DictConfig) -> None:
     """A checkpoint named by trainer.resume loads (without running code) and, unless warm_start, is this
     config's last.pt."""
+    from resnet_repro.checkpoint import RESUME_MODES, check_resumable, load
+
     resume, trusted = str(cfg.trainer.resume), bool(cfg.trainer.trust_checkpoint)
     if resume not in RESUME_MODES and not Path(resume).is_file():
         raise ConfigError(f"trainer.resume={resume} is not a file; allowed: auto, none, or a checkpoint path")

@@ -9,6 +9,7 @@ ownership and resume policy are checkpoint.py's; what a run records is tracking'
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -211,7 +212,8 @@ class Trainer:
         base_lr = float(self.recipe["optimizer"]["lr"])
         loss_sum, seen, lr = torch.zeros((), device=self.device, dtype=torch.float64), 0, base_lr
         every = int(self.cfg["trainer"]["log_every_n_steps"])
-        bar = Progress(f"epoch {epoch + 1}/{self.epochs}", self.steps, every, enabled=self.rank == 0)
+        later = (self.epochs - epoch - 1, self._eval_seconds)  # for the run's ETA
+        bar = Progress(f"epoch {epoch + 1}/{self.epochs}", self.steps, every, enabled=self.rank == 0, later=later)
         batches = WaitClock(islice(self.data.train, self.steps))  # data_wait_frac: time in the loader's next()
         for it, (images, labels) in enumerate(batches):
             lr = learning_rate(self.recipe["schedule"], base_lr, self.epochs, epoch, it, self.steps)
@@ -219,7 +221,7 @@ class Trainer:
             loss = self.train_step(images, labels)
             loss_sum += loss * images.shape[0]
             seen, step = seen + images.shape[0], it + 1
-            bar.advance(step)
+            bar.advance(step, live=functools.partial(self._live_fields, bar, loss_sum, seen, lr, batches))
             if step % every == 0 or step == self.steps:  # the same steps on every rank: the check all-reduces
                 self._check_finite(loss_sum, epoch, step)
             if bar.due(step):  # rank 0
@@ -252,14 +254,22 @@ class Trainer:
                 f"the run is stopped (lower recipe.optimizer.lr, or use precision=amp-fp16 for dynamic loss scaling)"
             )
 
+    def _step_fields(self, bar: Progress, loss: float, seen: int, lr: float, wait: float) -> dict[str, str]:
+        """What the progress shows of the epoch so far (its ETAs are the bar's)."""
+        rate = seen * self.world / bar.elapsed()
+        return {"loss": f"{loss:.4f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}", "wait": f"{wait:.0%}"}
+
+    def _live_fields(
+        self, bar: Progress, loss_sum: torch.Tensor, seen: int, lr: float, batches: WaitClock
+    ) -> dict[str, str]:
+        """The terminal bar's fields at a redraw (rank 0; reading the loss syncs the device, about once a second)."""
+        return self._step_fields(bar, float(loss_sum) / seen, seen, lr, batches.fraction())
+
     def _report_step(
         self, bar: Progress, epoch: int, step: int, loss: float, seen: int, lr: float, wait: float
     ) -> None:
         """The progress line (loss, LR, img/s, ETAs of the epoch and the run) and MLflow's step metrics."""
-        rate = seen * self.world / bar.elapsed()
-        per_epoch = self.steps * bar.elapsed() / step + self._eval_seconds
-        fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}", "wait": f"{wait:.0%}"}
-        bar.report(step, fields, run_left_s=(self.epochs - epoch - 1) * per_epoch)
+        bar.report(step, self._step_fields(bar, loss, seen, lr, wait))
         self.tracker.log_metrics({"step/train_loss": loss, "step/lr": lr}, step=epoch * self.steps + step)
 
     def evaluate(self) -> dict[str, float]:
@@ -433,13 +443,15 @@ class Trainer:
         """Open (or adopt) the run; the store is the authority on who trains this config on this data, so a rival
         that took it up first wins. Returns the runs of dead processes it closed."""
         params = {**flat_params(self.cfg), **self.plan.params(), "num_train": self.data.num_train}
+        params |= {"num_val": self.data.num_val, "steps_per_epoch": self.steps}
         adopted = self.tracker.open(
             self.info.run_name,
             adopt=self._adoptable(resume),
             tags=run_tags(self),
-            params={**params, "num_val": self.data.num_val},
+            params={**params, "num_params": self.params, "flops_g": round(self.flops, 4)},  # params: fixed facts
             texts={"config/config.yaml": self.info.config_yaml, "config/overrides.yaml": _as_list(self.info.overrides)},
             resumed_tags={"resumed_at_epoch": self.start_epoch, "output_dir": self.info.output_dir},
+            system_metrics=bool(self.cfg["tracking"].get("system_metrics")),
         )
         rival = rival_run(self.tracker, self.info.config_hash, self.info.data_fingerprint, self.tracker.claimed_at)
         if rival is not None:  # two starts at once from two checkpoint roots: the later one gives way
@@ -449,8 +461,6 @@ class Trainer:
         self.tracker.keep_pending(self.folder.path)  # from now on a write the store does not take is kept
         if self.history:  # epochs a kill kept from MLflow but not from the checkpoint (reads the run's history)
             self.tracker.backfill(self.history)
-        if not adopted:
-            self.tracker.log_metrics({"params": self.params, "flops_g": self.flops}, step=0)
         return closed
 
     def _epoch(self, epoch: int) -> None:
@@ -474,6 +484,8 @@ class Trainer:
         self.tracker.log_metrics({"best_val_top1": self.best_top1, "epochs_completed": self.epochs}, step=self.epochs)
         if self.rank == 0 and self.cfg["tracking"]["log_checkpoint"]:
             self.tracker.log_file(self.folder.best, "checkpoints")
+        if self.rank == 0 and self.cfg["tracking"].get("log_model"):
+            self.tracker.log_model(plain_model(self.cfg, self.model), int(self.cfg["dataset"]["input_size"]))
         self._log_files()
         self.tracker.finish("FINISHED")
 
@@ -517,6 +529,13 @@ def already_training(row: str, rival: Mapping[str, Any]) -> str:
         f"{tags.get('host', '?')} (MLflow run {rival['run_id']}, checkpoints in {tags.get('checkpoint_dir', '?')}); "
         "wait for it or stop it"
     )
+
+
+def plain_model(cfg: Mapping[str, Any], trained: nn.Module) -> nn.Module:
+    """The trained weights in the row's plain model (ordinary BatchNorm, on the CPU): what serving needs."""
+    model = build_model_from_cfg(cfg)
+    model.load_state_dict({k: v.detach().cpu() for k, v in trained.state_dict().items()})
+    return model.eval()
 
 
 def run_tags(trainer: Trainer) -> dict[str, Any]:

@@ -1,20 +1,30 @@
 """Live progress of long work: loss, LR, img/s and ETAs (epoch and whole run), on a bar or as log lines.
 
-On a terminal a tqdm bar carries the numbers; without one (a log file, SLURM, a pipe) a line is logged
-at the first step, every `every` steps and at least every `MAX_SILENCE_S` seconds, so a run never goes
-quiet. Reading the loss synchronises the device, which is why it happens only at those points.
+On a terminal a tqdm bar carries the numbers: one line of at most 100 columns, our ETA only (tqdm's own
+elapsed/remaining/rate are left out: two ETAs that disagree help nobody), and the fields (the loss...) read
+afresh at each redraw, at most every REFRESH_S seconds. Without a terminal (a log file, SLURM, a pipe) a
+line is logged at the first step, every `every` steps and at least every `MAX_SILENCE_S` seconds, so a run
+never goes quiet. Reading the loss synchronises the device, which is why it happens only at those points.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
+from collections.abc import Callable
+from typing import IO
 
 from tqdm import tqdm
 
 log = logging.getLogger("resnet_repro")
 MAX_SILENCE_S = 30.0
+REFRESH_S = 1.0  # the terminal bar's redraws (and the device syncs its live fields cost)
+MAX_COLUMNS = 100
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"
+
+Fields = dict[str, str]  # name -> shown value, in order (other code may add its own fields)
 
 
 def fmt_time(seconds: float) -> str:
@@ -24,15 +34,41 @@ def fmt_time(seconds: float) -> str:
 
 
 class Progress:
-    """Progress of one loop of `total` steps; `due(step)` says when a report is worth a device sync."""
+    """Progress of one loop of `total` steps; `due(step)` says when a report is worth a device sync.
+
+    `later`: (loops after this one, extra seconds each) — e.g. the epochs left and one evaluation's time —
+    for the ETA of the whole run, each later loop taken to last as long as this one.
+    """
 
     def __init__(
-        self, desc: str, total: int, every: int, enabled: bool, unit: str = "step", first: bool = True
+        self,
+        desc: str,
+        total: int,
+        every: int,
+        enabled: bool,
+        unit: str = "step",
+        first: bool = True,
+        later: tuple[int, float] | None = None,
+        stream: IO[str] | None = None,
     ) -> None:
         self.desc, self.total, self.every, self.enabled, self.first = desc, total, max(1, every), enabled, first
-        self.start = self.last_report = time.perf_counter()
-        terminal = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=not terminal)
+        self.later = later
+        self._fields: Fields = {}
+        self.start = self.last_report = self.last_refresh = time.perf_counter()
+        stream = stream or sys.stderr
+        terminal = enabled and stream.isatty()
+        columns = min(MAX_COLUMNS, shutil.get_terminal_size((MAX_COLUMNS, 24)).columns)
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            unit=unit,
+            leave=False,
+            ncols=columns,
+            bar_format=BAR_FORMAT,
+            mininterval=REFRESH_S,
+            file=stream,
+            disable=not terminal,
+        )
 
     def due(self, step: int) -> bool:
         """Step `step` (1-based) is a reporting point: the first, every `every`-th, or after a long silence.
@@ -45,21 +81,45 @@ class Progress:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def advance(self, step: int) -> None:
-        """Move the terminal bar to `step` (tqdm limits its redraws; without a terminal this does nothing)."""
-        self.bar.update(step - self.bar.n)
+    def advance(self, step: int, live: Callable[[], Fields] | None = None) -> None:
+        """Move the terminal bar to `step`, redrawing it at most every REFRESH_S with `live()`'s fields read
+        afresh (without a terminal this does nothing, and `live` is never called)."""
+        if self.bar.disable:
+            return
+        self.bar.n = step  # tqdm draws only when told (refresh): each redraw then has fresh fields
+        if time.perf_counter() - self.last_refresh >= REFRESH_S:
+            self._show(step, live() if live is not None else self._fields)
 
-    def report(self, step: int, fields: dict[str, str], run_left_s: float | None = None) -> None:
-        """Show `fields` and the ETAs of this loop (and of the whole run, when given) at a reporting point."""
+    def etas(self, step: int, run_left_s: float | None = None) -> tuple[float, float | None]:
+        """(seconds left in this loop, seconds left in the whole run or None), at this loop's pace."""
+        per_step = self.elapsed() / max(step, 1)
+        left = (self.total - step) * per_step
+        if run_left_s is None and self.later is not None:
+            loops, extra = self.later
+            run_left_s = loops * (self.total * per_step + extra)
+        return left, (None if run_left_s is None else left + run_left_s)
+
+    def report(self, step: int, fields: Fields, run_left_s: float | None = None) -> None:
+        """Show `fields` and the ETAs of this loop (and of the whole run, when known) at a reporting point."""
         self.last_report = time.perf_counter()
-        left = (self.total - step) * self.elapsed() / step
-        shown = {**fields, "eta": fmt_time(left)}
-        if run_left_s is not None:
-            shown["run eta"] = fmt_time(left + run_left_s)
         if not self.bar.disable:
-            self.bar.set_postfix(shown, refresh=True)
-        elif step < self.total:
+            self._show(step, fields, run_left_s)
+            return
+        if step < self.total:
+            left, run_left = self.etas(step, run_left_s)
+            shown = {**fields, "eta": fmt_time(left)}
+            if run_left is not None:
+                shown["run eta"] = fmt_time(run_left)
             log.info("%s [%d/%d]  %s", self.desc, step, self.total, "  ".join(f"{k} {v}" for k, v in shown.items()))
+
+    def _show(self, step: int, fields: Fields, run_left_s: float | None = None) -> None:
+        """The bar's text: the fields and one ETA, the whole run's when known (the bar shows the loop's share)."""
+        self.last_refresh, self._fields = time.perf_counter(), dict(fields)
+        left, run_left = self.etas(step, run_left_s)
+        shown = {**fields, "eta": fmt_time(left if run_left is None else run_left)}
+        text = " ".join(f"{k} {v}" for k, v in shown.items())
+        self.bar.bar_format = f"{BAR_FORMAT} {text.replace('{', '{{').replace('}', '}}')}"
+        self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()

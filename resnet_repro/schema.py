@@ -118,6 +118,8 @@ class TrackingSchema:
     uri: str | None = None
     experiment: str = "resnet_repro"
     log_checkpoint: bool = False
+    log_model: bool = False
+    system_metrics: bool = True
 
 
 # Recipe and precision words (their numbers are the recipe's and checked in config.validate)

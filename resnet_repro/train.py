@@ -20,7 +20,7 @@ from resnet_repro.data.datasets import ensure_present, fingerprint
 from resnet_repro.engine import RunInfo, Trainer, already_training, rival_run, summary_line
 from resnet_repro.errors import UserError, exit_with, one_line
 from resnet_repro.sweep import write_summary
-from resnet_repro.tracking import Tracker
+from resnet_repro.tracking import Tracker, resolve_uri, ui_command
 
 log = logging.getLogger("resnet_repro")
 
@@ -60,20 +60,38 @@ def run_info(cfg: DictConfig, world: int) -> RunInfo:
 # overrides that never change what a run trains: where things are, how it executes, which row it is
 NAMELESS = ("trainer.", "tracking.", "dataset.root", "dataset.download", "seed=", "hydra", "+sweep")
 GROUP_CHOICES = ("model=", "stem=", "dataset=", "recipe=", "precision=", "row=")
+NAME_WIDTH = 40  # about what MLflow's run-name column shows
 
 
-def run_name(row: str, seed: int, overrides: list[str], width: int = 80) -> str:
-    """A name a person can tell apart in the MLflow UI: row, seed and the overrides that change the run."""
+def run_name(row: str, seed: int, overrides: list[str], width: int = NAME_WIDTH) -> str:
+    """A name a person can tell apart in the MLflow UI's column: the row (a custom composition: its model,
+    dataset and the groups chosen besides), the seed, then the overrides that change the run by their last
+    key (`recipe.optimizer.lr=0.2` -> `lr=0.2`, `+smoke=on` -> `smoke`); cut with … past `width`."""
+    given = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if o.startswith(GROUP_CHOICES)}
+    head = row
+    if row.startswith("custom:"):  # custom:<model>-<stem>-<dataset>-<recipe>-<precision>; only recipe and
+        model, _, dataset = (row.removeprefix("custom:").split("-") + ["", ""])[:3]  # precision hold hyphens
+        chosen = [given[g] for g in ("stem", "recipe", "precision") if g in given and given[g] != dataset]
+        head = " ".join([model, dataset, *chosen])
     changes = [o for o in overrides if not o.lstrip("+~").startswith(NAMELESS + GROUP_CHOICES)]
     changes += [o for o in overrides if o.startswith(("trainer.micro_batch", "trainer.limit_"))]
-    name = " ".join([row, f"s{seed}", *changes])
+    name = " ".join([head, f"s{seed}", *map(_short, changes)])
     return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _short(override: str) -> str:
+    key, _, value = override.lstrip("+~").partition("=")
+    if override.startswith("+") and "." not in key:  # an added group: +smoke=on -> smoke
+        return key if value in ("on", "true") else f"{key}={value}"
+    return f"{key.rpartition('.')[2]}={value}"
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     """Hydra's task function: the run's summary (None when skipped)."""
     world = world_of(cfg)
     validate(cfg, world_size=world)
+    if cfg.tracking.uri is None:  # the store by its absolute path: in the checkpoints, params and config.yaml
+        cfg.tracking.uri = resolve_uri(None)
     info = run_info(cfg, world)
     plain = to_plain(cfg)
     nproc = int(cfg.trainer.nproc_per_node)
@@ -82,10 +100,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     return train(plain, info)
 
 
-def prepare(cfg: dict[str, Any], info: RunInfo, folder: Path) -> str | None:
+def prepare(cfg: dict[str, Any], info: RunInfo, folder: Path) -> str | dict[str, Any]:
     """Rank 0, before anything is built: the store answers and takes what an earlier run of this folder kept
-    for it, the data is there, nobody else trains this config on it; its fingerprint, or None when this config
-    already finished on this data (trainer.skip_finished)."""
+    for it, the data is there, nobody else trains this config on it; its fingerprint, or when this config
+    already finished on this data (trainer.skip_finished) that run's summary (`skipped`)."""
     tracking = cfg["tracking"]
     tracker = Tracker(tracking["uri"], tracking["experiment"])
     tracker.probe()
@@ -104,8 +122,15 @@ def prepare(cfg: dict[str, Any], info: RunInfo, folder: Path) -> str | None:
             info.row_name,
             done,
         )
-        return None
+        return skipped_result(tracker, done)
     return info.data_fingerprint
+
+
+def skipped_result(tracker: Tracker, run_id: str) -> dict[str, Any]:
+    """The summary of a finished run a re-issued job skips: its result, for the sweep's summary."""
+    metrics = tracker.final_metrics(run_id)
+    last = {k: v for k, v in metrics.items() if k in ("val_top1", "val_top5")}
+    return {"skipped": True, "run_id": run_id, "last": last, "best_top1": metrics.get("best_val_top1")}
 
 
 def train(cfg: dict[str, Any], info: RunInfo) -> dict[str, Any] | None:
@@ -119,17 +144,42 @@ def train(cfg: dict[str, Any], info: RunInfo) -> dict[str, Any] | None:
     )
     try:
         with before_start():
-            info.data_fingerprint = distributed.on_rank0(lambda: prepare(cfg, info, folder.path))
-            if info.data_fingerprint is None:
-                return None
+            prepared = distributed.on_rank0(lambda: prepare(cfg, info, folder.path))
+            if isinstance(prepared, dict):
+                return prepared
+            info.data_fingerprint = prepared
             distributed.on_rank0(folder.acquire)  # one process per config: a second one stops here in one line
             trainer = Trainer(cfg, info, folder)
         result = trainer.fit()
     finally:
         folder.release()
     if distributed.rank() == 0:
-        log.info(summary_line(info.row_name, result))
+        ends = "" if info.sweep else "\n" + next_steps(folder, cfg)  # a sweep ends with its summary instead
+        log.info("%s%s", summary_line(info.row_name, result), ends)
     return result
+
+
+def next_steps(folder: checkpoint.RunFolder, cfg: dict[str, Any]) -> str:
+    """The end of a run's output: its best checkpoint and the commands that come next (test it, the report,
+    the MLflow UI), each ready to paste."""
+    kept = {"last+best": folder.best, "last": folder.last}.get(str(cfg["trainer"]["checkpoints"]))
+    path = _shown(kept) if kept is not None and kept.is_file() else None
+    steps = [("test it", f"python -m resnet_repro.test checkpoint={path}")] if path else []
+    steps += [
+        ("curves", "python -m resnet_repro.report"),
+        ("MLflow UI", ui_command(resolve_uri(cfg["tracking"]["uri"]))),
+    ]
+    head = f"best checkpoint: {path}" if path else "no checkpoint kept (trainer.checkpoints=none)"
+    lines = [f"{'next:' if i == 0 else '':<6}{what:<11}{command}" for i, (what, command) in enumerate(steps)]
+    return "\n".join([head, *lines])
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the current directory when it lies under it (shorter to read and paste)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
 
 
 @contextlib.contextmanager
@@ -196,9 +246,10 @@ def run_and_summarise(cfg: DictConfig, multirun: bool) -> dict[str, Any] | None:
             HydraConfig.get().runtime.output_dir,
             row=str(cfg.row_name),
             overrides=user_overrides(list(HydraConfig.get().overrides.task)),
-            status="FAILED" if error else ("SKIPPED" if result is None else "FINISHED"),
+            status="FAILED" if error else ("SKIPPED" if result is None or result.get("skipped") else "FINISHED"),
             top1=last.get("val_top1"),
             wall_s=time.perf_counter() - start,
             error=error,
+            run_id=(result or {}).get("run_id"),
         )
     return result

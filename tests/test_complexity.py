@@ -16,6 +16,8 @@ def test_complexity_command_reproduces_the_table(tmp_path) -> None:
     tmp_path = tmp_path / "results"
     assert "22 rows: 21 agree, 1 error(s) of the table, 0 mismatch(es)" in proc.stdout
     assert sum(line.startswith("| `") for line in proc.stdout.splitlines()) == 22
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("[")]  # a line as each row is done
+    assert [line.split("]")[0] for line in progress] == [f"[{i}/22" for i in range(1, 23)]
 
     df = pd.read_csv(tmp_path / "complexity.csv").set_index("row")
     assert {"row", "params", "flops_g"} <= {df.index.name, *df.columns}

@@ -125,7 +125,8 @@ def _copy_store(empty_store: Path, folder: Path) -> str:
 @pytest.fixture(scope="module")
 def store(empty_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two seeds of one row, a smoke, an unfinished, a short, a custom, a JPEG-copy run, eval runs; reported
-    twice (with --export: the second call reads every run from the store and from its record)."""
+    twice (with --export: the second call reads every run from the store and from its record), with
+    --all-runs (the runs that change no table under --out too; the default is tested in test_second_hour)."""
     root = tmp_path_factory.mktemp("report")
     uri = _copy_store(empty_store, root)
     ids = {
@@ -156,7 +157,7 @@ def store(empty_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     work.mkdir()
     (work / "README.md").write_text(README)
     argv = ["--tracking-uri", uri, "--experiment", EXPERIMENT, "--out", str(work / "results")]
-    argv += ["--readme", str(work / "README.md"), "--export"]
+    argv += ["--readme", str(work / "README.md"), "--export", "--all-runs"]  # every run under --out
     code, stdout = _report(argv)
     first = _snapshot(work)
     code2, stdout2 = _report(argv)
@@ -382,9 +383,12 @@ def test_report_from_any_directory_writes_curves_and_no_readme(
     before = repo_readme.stat().st_mtime_ns if repo_readme.is_file() else None
     code, stdout = _report(["--tracking-uri", store["uri"], "--experiment", EXPERIMENT])
     assert code == 0 and "README: not updated" in stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no README, no store, no mlruns here
-    trained = {run_id for name, run_id in store["ids"].items() if not name.startswith("eval")}
-    assert {p.stem for p in (tmp_path / "results" / "curves" / "runs").iterdir()} == trained
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs", "results"]  # no README, no store, no mlruns
+    ids = store["ids"]
+    in_tables = {ids["seed0"], ids["seed1"], ids["jpeg"]}  # counting and indicative: results/
+    assert {p.stem for p in (tmp_path / "results" / "curves" / "runs").iterdir()} == in_tables
+    local = {ids[k] for k in ("smoke", "unfinished", "short", "custom")}  # no table: outputs/report/
+    assert {p.stem for p in (tmp_path / "outputs" / "report" / "curves" / "runs").iterdir()} == local
     assert not (tmp_path / "results" / "logs").exists()  # nothing exported unless asked
     assert (repo_readme.stat().st_mtime_ns if repo_readme.is_file() else None) == before
 

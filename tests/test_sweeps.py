@@ -56,22 +56,36 @@ def test_multirun_groups_its_runs_and_a_reissued_sweep_skips_finished_jobs(tiny_
     ]
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = mlflow_runs(tmp_path)
+    (parent,) = [r for r in mlflow_runs(tmp_path) if r.data.tags["run_type"] == "sweep"]
+    runs = [r for r in mlflow_runs(tmp_path) if r.data.tags["run_type"] == "train"]
     assert sorted(r.data.tags["row"] for r in runs) == ["resnet18_8xb16_cifar10", "resnet34_8xb16_cifar10"]
-    assert all(r.info.status == "FINISHED" for r in runs)
-    sweeps = {r.data.tags["sweep"] for r in runs}
+    assert all(r.info.status == "FINISHED" for r in [*runs, parent])
+    sweeps = {r.data.tags["sweep"] for r in [*runs, parent]}
     assert len(sweeps) == 1 and sweeps != {""}  # one sweep tag groups the jobs
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}  # the jobs: its children
+    lines = {r.info.run_id: f"top-1 {r.data.metrics['val_top1']:.2f}" for r in runs}
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("  #")]
+    assert all(any(top1 in x and x.endswith(f"run {run_id}") for x in summary) for run_id, top1 in lines.items())
 
     again = run_cli(args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count("skipping") == 2
-    assert len(mlflow_runs(tmp_path)) == 2
+    assert len([r for r in mlflow_runs(tmp_path) if r.data.tags["run_type"] == "train"]) == 2
+    skipped = [line for line in again.stdout.splitlines() if line.startswith("  #")]
+    for run_id, top1 in lines.items():  # the finished run's result and id, not `SKIPPED top-1 —`
+        assert any(x.split()[1] == "SKIPPED" and top1 in x and x.endswith(f"run {run_id}") for x in skipped), skipped
 
-    # the report on these two tiny runs: their numbers beside the published ones (they do not count: 1 epoch)
+    # the report on these two tiny runs: their numbers beside the published ones (they do not count: 1 epoch,
+    # so only --all-runs writes them under --out)
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- results:begin -->\n<!-- results:end -->\n")
     report = run_cli(
-        [f"--tracking-uri=sqlite:///{tmp_path}/mlflow.db", f"--out={tmp_path}/results", f"--readme={readme}"],
+        [
+            f"--tracking-uri=sqlite:///{tmp_path}/mlflow.db",
+            f"--out={tmp_path}/results",
+            f"--readme={readme}",
+            "--all-runs",
+        ],
         cwd=tmp_path,
         module="resnet_repro.report",
     )

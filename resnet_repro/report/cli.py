@@ -8,7 +8,10 @@ no existing file (exit 1 if one would change) unless --allow-empty: a wrong dire
 the results.
 
 Written files go under the current directory's results/ (--out); the README is updated only in the
-repository (./README.md with the results markers) or where --readme says.
+repository (./README.md with the results markers) or where --readme says. Runs that change no table go to
+outputs/report/ instead (report.local; --all-runs: under --out too), so a clone's tracked files change only
+when a table does. The first lines printed say where each figure went. `--compare RUN [RUN ...]` draws
+several runs in one figure and prints what differs between them (report.compare), writing nothing else.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pandas as pd
 
 from resnet_repro import tracking
 from resnet_repro.errors import UserError, exit_with
-from resnet_repro.report import curves, outputs, published, records, render, select
+from resnet_repro.report import compare, curves, local, outputs, published, records, render, select
 from resnet_repro.report.records import Record
 from resnet_repro.rows import SECTIONS, all_rows, find_row
 from resnet_repro.tracking import store
@@ -65,6 +68,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "instead of changing a file",
     )
     parser.add_argument(
+        "--all-runs",
+        action="store_true",
+        help="also write the runs that change no table (smoke, demo, custom) under --out; default: --local-out",
+    )
+    parser.add_argument(
+        "--local-out",
+        default=local.LOCAL_OUT,
+        help="folder (of the cwd) for the runs that change no table: runs.csv, runs.md, curves/runs/ "
+        "(default: outputs/report, ignored by git)",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RUN",
+        help="draw these runs in one figure (in --local-out) and print what differs between them; a RUN is a run "
+        "id (or a unique prefix), a run name, or a sweep (its folder, or its own run's id or name)",
+    )
+    parser.add_argument(
+        "--keys",
+        nargs="+",
+        default=list(compare.DEFAULT_KEYS),
+        help=f"with --compare: the per-epoch metrics to draw, one panel each (default: "
+        f"{' '.join(compare.DEFAULT_KEYS)}; any of {', '.join(records.EPOCH_KEYS)})",
+    )
+    parser.add_argument("--legend", nargs="+", help="with --compare: one label per run (default: their run names)")
+    parser.add_argument(
         "--fetch-logs",
         action="store_true",
         help="download mmpretrain's published training logs of the rows with curves into torch.hub's cache "
@@ -82,7 +111,8 @@ def read_store(uri: str | None, experiment: str) -> list[Record]:
             return []
     uri = tracking.resolve_uri(uri)
     store.check_store(uri)
-    runs = store.read_runs(uri, experiment, histories=records.EPOCH_KEYS, artifact=records.CONFIG_ARTIFACT)
+    histories = (*records.EPOCH_KEYS, *(f"step/{k}" for k in records.STEP_KEYS))
+    runs = store.read_runs(uri, experiment, histories=histories, artifact=records.CONFIG_ARTIFACT)
     return [records.from_store(run) for run in runs]
 
 
@@ -101,6 +131,7 @@ class Runs:
     from_store: int
     from_files: int
     exported: int
+    sweeps: list[Record]  # sweeps' own runs (run_type=sweep): they hold no result, only their jobs
 
 
 def collect(args: argparse.Namespace) -> Runs:
@@ -108,13 +139,15 @@ def collect(args: argparse.Namespace) -> Runs:
     runs_dir = records_dir(args)
     if args.export and runs_dir is None:
         raise UserError("--export writes run records: give a folder with --runs (or leave --runs out)")
-    from_store = read_store(args.tracking_uri, args.experiment)
+    read = read_store(args.tracking_uri, args.experiment)
+    sweeps = [r for r in read if r["tags"].get("run_type") == "sweep"]
+    from_store = [r for r in read if r["tags"].get("run_type") != "sweep"]
     from_files = records.load_dir(runs_dir, args.experiment) if runs_dir is not None and runs_dir.is_dir() else []
     exported = records.export(from_store, runs_dir, args.export) if args.export and runs_dir is not None else []
     merged = records.merge(from_store, from_files)
     paths = {} if runs_dir is None else {r["run_id"]: runs_dir / records.relative_path(r) for r in merged}
     on_disk = {run_id: path for run_id, path in paths.items() if path.is_file()}
-    return Runs(merged, on_disk, len(from_store), len(from_files), len(exported))
+    return Runs(merged, on_disk, len(from_store), len(from_files), len(exported), sweeps)
 
 
 # ---- building ---------------------------------------------------------------------------------
@@ -161,9 +194,10 @@ def build(
 def summary(frame: pd.DataFrame, runs: Runs, readme: Path | None) -> str:
     train = frame[frame["run_type"] == "train"]
     counted, indicative = int(train["counts"].sum()), int(train["indicative"].sum())
+    everything = len(runs.records)
     lines = [
-        f"{len(frame)} runs ({runs.from_store} from the MLflow store, {runs.from_files} from run records, each once): "
-        f"{counted} training runs count, {indicative} indicative, {len(frame) - counted - indicative} others"
+        f"{everything} runs ({runs.from_store} from the MLflow store, {runs.from_files} from run records, each once): "
+        f"{counted} training runs count, {indicative} indicative, {everything - counted - indicative} others"
     ]
     for _, run in select.not_finished(frame).iterrows():  # RUNNING after its process died stays RUNNING: name it
         lines.append(f"not finished ({run['status']}): {run['run_id']} `{run['row']}` started {run['start_time']}")
@@ -171,31 +205,60 @@ def summary(frame: pd.DataFrame, runs: Runs, readme: Path | None) -> str:
     return "\n".join(lines)
 
 
-def refuse_empty(files: Mapping[Path, bytes], allow: bool) -> bool:
-    """With no run at all: True (and why, on stderr) when writing would change an existing file."""
+def refuse_empty(files: Mapping[Path, bytes], allow: bool, others: int = 0) -> bool:
+    """With no run for the tables: True (and why, on stderr) when writing would change an existing file."""
     changed = [str(path) for path, data in files.items() if path.exists() and outputs.changes(path, data)]
     if allow or not changed:
         return False
+    none = f"none of the {others} runs changes a table" if others else "no runs in the store or the run records"
     print(
-        f"resnet_repro.report: no runs in the store or the run records: wrote nothing, {len(changed)} existing "
-        "files would change (--allow-empty rewrites them with the published numbers only)",
+        f"resnet_repro.report: {none}: wrote nothing there, {len(changed)} existing files would change "
+        "(--allow-empty rewrites them with the published numbers only)",
         file=sys.stderr,
     )
     return True
 
 
+def compare_runs(args: argparse.Namespace, runs: Runs) -> int:
+    """--compare: one figure of the runs' curves (in --local-out) and the table of their differences."""
+    chosen = compare.resolve(args.compare, runs.records, runs.sweeps)
+    names = compare.labels(chosen, args.legend)
+    png = compare.figure(chosen, names, args.keys)
+    path = compare.figure_path(Path(args.local_out), chosen)
+    print(f"figure: {path} ({len(chosen)} run{'s' if len(chosen) != 1 else ''}: {' '.join(args.keys)})")
+    print(compare.differences(chosen, names).to_markdown(index=False))
+    outputs.write_if_changed(path, png)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    readme = outputs.readme_path(args.readme, args.no_readme)
+    readme = None if args.compare else outputs.readme_path(args.readme, args.no_readme)  # fails before reading
     runs = collect(args)
-    frame = select.runs_frame(runs.records)
-    files = build(frame, {r["run_id"]: r for r in runs.records}, runs.files, args, readme)
+    if args.compare:
+        return compare_runs(args, runs)
+    by_id = {r["run_id"]: r for r in runs.records}
+    shared, mine = (runs.records, []) if args.all_runs else local.split(runs.records, runs.files)
+    frame = select.runs_frame(shared)
+    files = build(frame, by_id, runs.files, args, readme)
+    local_files = local.files(runs.records, mine, Path(args.local_out)) if mine else {}
+    for path in sorted(p for p in [*files, *local_files] if p.suffix == ".png"):  # where each figure goes, first
+        print(f"figure: {path}")
     for section in SECTIONS:
         print(files[Path(args.out) / f"{render.section_slug(section)}.md"].decode())
     print(files[Path(args.out) / render.OTHER_RUNS].decode())
     print(summary(frame, runs, readme))
+    if mine:
+        print(local_files[Path(args.local_out) / "runs.md"].decode())
+        print(
+            f"{len(mine)} runs change no table: listed in {Path(args.local_out) / 'runs.md'}, their curves under "
+            f"{Path(args.local_out) / 'curves' / 'runs'}, every run in {Path(args.local_out) / 'runs.csv'} "
+            f"(--all-runs writes them under {args.out})"
+        )
     if args.export:
         print(f"{runs.exported} run records exported (--export {args.export})")
-    if not runs.records and refuse_empty(files, args.allow_empty):
+    for path, data in local_files.items():
+        outputs.write_if_changed(path, data)
+    if not shared and refuse_empty(files, args.allow_empty, len(mine)):
         return 1
     changed = [str(path) for path, data in files.items() if outputs.write_if_changed(path, data)]
     print(f"{len(changed)} of {len(files)} files changed" + (f": {', '.join(changed)}" if changed else ""))

@@ -8,11 +8,12 @@ way), so whichever source a run comes from, everything downstream sees the same 
 
 A record (schema 1): run_id, run_name, experiment, status, start_time / end_time (ms since the epoch, UTC),
 tags (MLflow's own `mlflow.*` tags left out: user names and source paths say nothing about the result),
-params (strings, as MLflow stores them), metrics (the last value of each metric: params, flops_g,
-epochs_completed, best_val_top1, test_top1, ...; per-step `step/*` metrics left out), epochs (one dict per
-epoch: epoch and the EPOCH_KEYS it logged; the last value logged for an epoch stands, as after a resume),
-config (the resolved composed config from the run's config/config.yaml artifact, or else the params nested
-at their dots) and config_source (which of the two).
+params (strings, as MLflow stores them), metrics (the last value of each metric: epochs_completed,
+best_val_top1, test_top1, ...; per-step `step/*` and MLflow's `system/*` metrics left out), epochs (one dict
+per epoch: epoch and the EPOCH_KEYS it logged; the last value logged for an epoch stands, as after a resume),
+steps (one dict per logged optimizer step: step and the STEP_KEYS it logged, for the step-level loss curve;
+absent from records written before it), config (the resolved composed config from the run's
+config/config.yaml artifact, or else the params nested at their dots) and config_source (which of the two).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from resnet_repro.rows import all_rows
 
 SCHEMA = 1
 EPOCH_KEYS = ("train_loss", "lr", "val_top1", "val_top5", "epoch_time_s", "train_img_per_s")
+STEP_KEYS = ("train_loss", "lr")  # logged as step/<key> at the log interval, step = optimizer step
 CONFIG_ARTIFACT = "config/config.yaml"
 SIGNIFICANT = 10  # digits kept of every metric: exact for parameter counts, stable text for float32 noise
 Record = dict[str, Any]
@@ -43,13 +45,17 @@ def number(value: float) -> float | None:
     return float(f"{value:.{SIGNIFICANT}g}") if math.isfinite(value) else None
 
 
-def _epochs(history: Mapping[str, Sequence[tuple[int, float]]]) -> list[dict[str, Any]]:
+def _epochs(history: Mapping[str, Sequence[tuple[int, float]]], index: str = "epoch") -> list[dict[str, Any]]:
     by_epoch: dict[int, dict[str, Any]] = {}
     for key, points in history.items():
         for step, value in points:  # in step order: a re-logged epoch's later value overwrites
             if step >= 1:
-                by_epoch.setdefault(int(step), {"epoch": int(step)})[key] = number(value)
+                by_epoch.setdefault(int(step), {index: int(step)})[key] = number(value)
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def _steps(history: Mapping[str, Sequence[tuple[int, float]]]) -> list[dict[str, Any]]:
+    return _epochs({k.removeprefix("step/"): v for k, v in history.items() if k.startswith("step/")}, "step")
 
 
 def _nest(flat: Mapping[str, str]) -> dict[str, Any]:
@@ -92,8 +98,9 @@ def from_store(run: Mapping[str, Any]) -> Record:
         "end_time": run.get("end_time"),
         "tags": {k: v for k, v in sorted(run["tags"].items()) if not k.startswith("mlflow.")},
         "params": dict(sorted(run["params"].items())),
-        "metrics": {k: number(v) for k, v in sorted(run["metrics"].items()) if not k.startswith("step/")},
+        "metrics": {k: number(v) for k, v in sorted(run["metrics"].items()) if not k.startswith(("step/", "system/"))},
         "epochs": _epochs({k: v for k, v in run.get("history", {}).items() if k in EPOCH_KEYS}),
+        "steps": _steps(run.get("history", {})),
         "config": config,
         "config_source": source,
     }
@@ -115,11 +122,15 @@ def relative_path(record: Mapping[str, Any]) -> Path:
 
 
 def dumps(record: Mapping[str, Any]) -> str:
-    """Sorted keys, two-space indent, one line per epoch (a new epoch is a one-line diff), final newline."""
-    body = json.dumps({**record, "epochs": []}, indent=2, sort_keys=True, ensure_ascii=False)
-    epochs = ",\n".join("    " + json.dumps(e, sort_keys=True, ensure_ascii=False) for e in record["epochs"])
-    listed = '\n  "epochs": [\n' + epochs + "\n  ]" if epochs else '\n  "epochs": []'
-    return body.replace('\n  "epochs": []', listed, 1) + "\n"  # the top level's key: indent 2 exactly
+    """Sorted keys, two-space indent, one line per epoch and per step (a new epoch is a few-line diff), final
+    newline."""
+    listed = [key for key in ("epochs", "steps") if key in record]
+    body = json.dumps({**record, **{key: [] for key in listed}}, indent=2, sort_keys=True, ensure_ascii=False)
+    for key in listed:
+        items = ",\n".join("    " + json.dumps(e, sort_keys=True, ensure_ascii=False) for e in record[key])
+        lines = f'\n  "{key}": [\n' + items + "\n  ]" if items else f'\n  "{key}": []'
+        body = body.replace(f'\n  "{key}": []', lines, 1)  # the top level's key: indent 2 exactly
+    return body + "\n"
 
 
 def write(record: Mapping[str, Any], root: Path) -> Path:
@@ -153,7 +164,10 @@ def _invalid(record: Any) -> str:
     times = [key for key in ("start_time", "end_time") if not _ms(record.get(key))]
     if times:
         return f"{times[0]} is {record.get(times[0])!r}, not milliseconds since the epoch (an integer) or null"
-    numbers = [*record["metrics"].values(), *(v for e in record["epochs"] for v in e.values())]
+    steps = record.get("steps", [])
+    if not (isinstance(steps, list) and all(isinstance(e, dict) and isinstance(e.get("step"), int) for e in steps)):
+        return "steps that are not a list of entries with an integer step"
+    numbers = [*record["metrics"].values(), *(v for e in [*record["epochs"], *steps] for v in e.values())]
     if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in numbers):
         return "a metric that is not a number"
     return ""

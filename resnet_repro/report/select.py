@@ -200,8 +200,8 @@ def _line(record: Record, order: dict[str, int]) -> dict[str, Any]:
         "device": device_name(tags),
         "world_size": int(_num(tags.get("world_size")) or 1),
         "device_hours": device_hours(record),
-        "params_n": metrics.get("params"),
-        "flops_g": metrics.get("flops_g"),
+        "params_n": _complexity(record, "num_params", "params"),
+        "flops_g": _complexity(record, "flops_g", "flops_g"),
         "checkpoint": tags.get("checkpoint") or params.get("checkpoint", ""),
         "source_run_id": tags.get("source_run_id", ""),
         "has_curves": bool(record.get("epochs")),
@@ -211,6 +211,12 @@ def _line(record: Record, order: dict[str, int]) -> dict[str, Any]:
         if tags.get("config_hash")
         else "",
     }
+
+
+def _complexity(record: Record, param: str, old_metric: str) -> float | None:
+    """Params / FLOPs: params of the run (metrics of runs recorded before they were params)."""
+    value = _num(record["params"].get(param))
+    return value if value is not None else record["metrics"].get(old_metric)
 
 
 def runs_frame(records: Sequence[Record]) -> pd.DataFrame:

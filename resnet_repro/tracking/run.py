@@ -5,18 +5,22 @@ beside it, no server. `tracking.uri=http://host:5000` (or any MLflow URI) uses a
 Parallel jobs share one SQLite file; every call retries while SQLite reports the database locked.
 
 What a training run records (the report reads these names):
-- tags: row, section, config_hash, faithful ("true"/"false"), deviations, run_type ("train"/"eval"),
-  sweep, git_commit, hydra_overrides, world_size, device, device_name, data_verified, data_fingerprint,
-  data_on_device, val_limited, tf32 (fp32 convs/matmuls may use TF32), bn_group_kernel,
-  decode (cpu / device: where JPEGs were decoded and cropped), output_dir, checkpoint_dir,
-  pid/host/claimed_at (who writes it, since when), versions
+- tags: row, section, config_hash, faithful ("true"/"false"), deviations, run_type ("train"/"eval";
+  "sweep" for a sweep's own run), sweep, git_commit, hydra_overrides, world_size, device, device_name,
+  data_verified, data_fingerprint, data_on_device, val_limited, tf32 (fp32 convs/matmuls may use TF32),
+  bn_group_kernel, decode (cpu / device: where JPEGs were decoded and cropped), output_dir, checkpoint_dir,
+  pid/host/claimed_at (who writes it, since when), versions; MLflow's standard ones (tracking.standard):
+  mlflow.source.*, mlflow.user, and mlflow.parentRunId for a sweep's job (and an evaluation of our
+  checkpoint: its training run)
 - params: the flattened composed config (recipe.epochs, ...) plus the batch plan (batch_global,
-  batch_per_device, batch_forward, batch_micro, bn_group, accum_steps), num_train, num_val
+  batch_per_device, batch_forward, batch_micro, bn_group, accum_steps), num_train, num_val,
+  steps_per_epoch, num_params, flops_g (runs before these two params logged them as metrics params, flops_g)
 - metrics per epoch (step = epoch, 1-based): train_loss, lr, val_top1, val_top5 (percent),
   epoch_time_s, train_img_per_s, data_wait_frac (share of step time waiting for the next batch); every log
-  interval (step = optimizer step): step/train_loss, step/lr;
-  once: params, flops_g; at the end: best_val_top1, epochs_completed
-- artifacts: config/config.yaml (resolved), config/overrides.yaml, the job's log, best.pt on request
+  interval (step = optimizer step): step/train_loss, step/lr; at the end: best_val_top1, epochs_completed;
+  system/* (MLflow's system metrics, tracking.system_metrics)
+- artifacts: config/config.yaml (resolved), config/overrides.yaml, the job's log, best.pt on request;
+  the final model as an MLflow model on request (tracking.log_model)
 
 Once a run is open, `keep_pending` routes its writes through tracking.outbox: a store that goes away during
 the run does not stop it (the writes are kept in the checkpoint folder and sent when it answers again).
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_repro.errors import UserError
+from resnet_repro.tracking import standard
 from resnet_repro.tracking.outbox import PENDING_FILE, GuardedClient, Outbox, deliver
 from resnet_repro.tracking.uri import PROBE_ENV, mlflow_environ, mlflow_quiet, resolve_uri, retrying, sqlite_path
 
@@ -49,6 +54,7 @@ class Tracker:
         self.claimed_at: float = float("inf")  # when this process took its run up (ms), for rival starts
         self._client: Any = None
         self._experiment_id: str | None = None
+        self._monitor: Any = None  # MLflow's system-metrics thread (tracking.standard)
 
     @property
     def active(self) -> bool:
@@ -193,7 +199,10 @@ class Tracker:
             self.run_id = run_id
             self.set_tags(owner)
         else:
-            tags = {k: str(v) for k, v in {**tags, **owner}.items()}
+            job = tags.get("run_type") != "sweep" and tags.get("sweep")
+            parent = standard.sweep_parent(str(tags["sweep"]), self.uri, self.experiment) if job else None
+            link = {standard.PARENT: parent} if parent else {}  # a sweep's job: a child of the sweep's run
+            tags = {k: str(v) for k, v in {**tags, **owner, **link}.items()}
             self.run_id = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
         return self.run_id
 
@@ -206,21 +215,26 @@ class Tracker:
         params: Mapping[str, Any],
         texts: Mapping[str, str],
         resumed_tags: Mapping[str, Any],
+        system_metrics: bool = False,
     ) -> bool:
         """Continue the run `adopt` when this store has it and it is not FINISHED (a job killed before), tagging
         it with `resumed_tags`; otherwise start a new run that records `tags`, `params` and the `texts`
-        artifacts. True when a run was adopted."""
+        artifact. True when a run was adopted. `system_metrics`: MLflow's CPU/memory/GPU sampling until
+        `finish`."""
         if not self.enabled:
             return False
-        if adopt is not None and self.status(adopt) not in (None, FINISHED):
+        adopted = adopt is not None and self.status(adopt) not in (None, FINISHED)
+        if adopted:
             self.start(run_name, {}, run_id=adopt)
             self.set_tags(resumed_tags)
-            return True
-        self.start(run_name, tags)
-        self.log_params(params)
-        for artifact, text in texts.items():
-            self.log_text(text, artifact)
-        return False
+        else:
+            self.start(run_name, tags)
+            self.log_params(params)
+            for artifact, text in texts.items():
+                self.log_text(text, artifact)
+        if system_metrics and self.active:
+            self._monitor = standard.start_system_metrics(self.uri, str(self.run_id), resume=adopted)
+        return adopted
 
     @retrying
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -254,8 +268,13 @@ class Tracker:
         if self.active and path.is_file():
             self.client.log_artifact(self.run_id, str(path), folder)
 
-    @retrying
     def finish(self, status: str = FINISHED) -> None:
+        standard.stop_system_metrics(self._monitor)
+        self._monitor = None
+        self._terminate(status)
+
+    @retrying
+    def _terminate(self, status: str) -> None:
         if self.active:
             self.client.set_terminated(self.run_id, status=status)
 
@@ -282,6 +301,26 @@ class Tracker:
         """Send what an earlier run of this folder could not (its end, when the store was away then); the number
         of writes still kept."""
         return deliver(self.client, folder / PENDING_FILE, self.uri) if self.enabled else 0
+
+    # ---- what MLflow users look for (tracking.standard) ---------------------------------------------
+    def log_model(self, model: Any, input_size: int) -> str | None:
+        """The model as an MLflow model of this run (tracking.log_model=true); its URI."""
+        if not self.active:
+            return None
+        return standard.log_model(self.uri, self.experiment_id(), str(self.run_id), model, input_size)
+
+    def name_of(self, run_id: str) -> str | None:
+        """The run's name, None when this store has no such run."""
+        return self._run_name(run_id) if self.status(run_id) is not None else None
+
+    @retrying
+    def _run_name(self, run_id: str) -> str | None:
+        return self.client.get_run(run_id).info.run_name
+
+    @retrying
+    def final_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of each metric of a run (e.g. a finished run a re-issued sweep skips)."""
+        return dict(self.client.get_run(run_id).data.metrics)
 
     @retrying
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -353,6 +392,10 @@ def flat_params(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: json.dumps(node) if isinstance(node, list) else node}
 
 
+ENTRY_POINTS = {"train": "resnet_repro", "eval": "resnet_repro.test", "sweep": "resnet_repro --multirun"}
+
+
 def provenance_tags(**tags: Any) -> dict[str, Any]:
-    """The given tags plus the git commit and library versions."""
-    return {**tags, "git_commit": git_commit(), **{f"version.{k}": v for k, v in versions().items()}}
+    """The given tags plus the git commit, library versions and MLflow's standard source tags."""
+    source = standard.source_tags(ENTRY_POINTS.get(str(tags.get("run_type")), "resnet_repro"))
+    return {**tags, "git_commit": git_commit(), **{f"version.{k}": v for k, v in versions().items()}, **source}
