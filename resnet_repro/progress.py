@@ -23,6 +23,8 @@ MAX_SILENCE_S = 30.0
 REFRESH_S = 1.0  # the terminal bar's redraws (and the device syncs its live fields cost)
 MAX_COLUMNS = 100
 BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"
+NARROW_FORMAT = "{desc} {percentage:3.0f}% {n_fmt}/{total_fmt}"  # a narrow terminal: the numbers before the bar
+MIN_BAR = 10  # columns a drawn bar needs to say anything
 
 Fields = dict[str, str]  # name -> shown value, in order (other code may add its own fields)
 
@@ -57,7 +59,7 @@ class Progress:
         self.start = self.last_report = self.last_refresh = time.perf_counter()
         stream = stream or sys.stderr
         terminal = enabled and stream.isatty()
-        columns = min(MAX_COLUMNS, shutil.get_terminal_size((MAX_COLUMNS, 24)).columns)
+        self.columns = columns = min(MAX_COLUMNS, shutil.get_terminal_size((MAX_COLUMNS, 24)).columns)
         self.bar = tqdm(
             total=total,
             desc=desc,
@@ -118,7 +120,9 @@ class Progress:
         left, run_left = self.etas(step, run_left_s)
         shown = {**fields, "eta": fmt_time(left if run_left is None else run_left)}
         text = " ".join(f"{k} {v}" for k, v in shown.items())
-        self.bar.bar_format = f"{BAR_FORMAT} {text.replace('{', '{{').replace('}', '}}')}"
+        numbers = len(f"{self.desc} 100%|| {self.total}/{self.total} {text}")
+        layout = BAR_FORMAT if numbers + MIN_BAR <= self.columns else NARROW_FORMAT
+        self.bar.bar_format = f"{layout} {text.replace('{', '{{').replace('}', '}}')}"
         self.bar.refresh()
 
     def close(self) -> None:

@@ -125,11 +125,15 @@ def test_the_test_command_downloads_what_the_checkpoints_row_needs(
     torch.save({"model": model.state_dict(), "config": config, "row_name": model.row_name}, tmp_path / "best.pt")
     fetched = []
 
-    def download(url: str, root: str, **kwargs: Any) -> None:
+    def fetch(url: str, target: Path, **kwargs: Any) -> Path:
         fetched.append(url)
-        write_cifar10(Path(root), n_train=10, n_test=10)
+        return target
 
-    monkeypatch.setattr(datasets, "download_and_extract_archive", download)
+    def extract(archive: str, into: str) -> None:  # the tiny archives where the release's would be extracted
+        write_cifar10(Path(into), n_train=10, n_test=10)
+
+    monkeypatch.setattr(datasets, "fetch", fetch)
+    monkeypatch.setattr(datasets, "extract_archive", extract)
     store = f"sqlite:///{tmp_path}/mlflow.db"
     (tmp_path / "mlflow.db").write_bytes(_empty_store().read_bytes())
     root = tmp_path / "cifar10"
@@ -297,6 +301,7 @@ class _Terminal(io.StringIO):
 
 def test_the_terminal_bar_has_one_eta_fits_100_columns_and_shows_the_live_loss(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(progress, "REFRESH_S", 0.0)  # a redraw at every step
+    monkeypatch.setenv("COLUMNS", "80")  # a narrow terminal: the numbers stay whole, the drawn bar gives way
     screen = _Terminal()
     bar = progress.Progress("epoch 100/200", 1000, 50, enabled=True, later=(199, 30.0), stream=screen)
     for step in range(1, 1001):
