@@ -27,16 +27,19 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from resnet_repro.cli import prepare_argv
+    from resnet_repro import stopping
 
-    register_resolvers()
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        argv = prepare_argv(argv)
-    except UserError as err:
-        exit_with(err)
-    sys.argv = [sys.argv[0], *argv]
-    _hydra_main()
+    with stopping.handling():  # Ctrl-C or SIGTERM from here on ends in one line (train.train says where)
+        from resnet_repro.cli import prepare_argv
+
+        register_resolvers()
+        argv = sys.argv[1:] if argv is None else argv
+        try:
+            argv = prepare_argv(argv)
+        except UserError as err:
+            exit_with(err)
+        sys.argv = [sys.argv[0], *argv]
+        _hydra_main()
 
 
 if __name__ == "__main__":

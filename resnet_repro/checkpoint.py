@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from resnet_repro.errors import UserError
+from resnet_repro.faults import crash_point
 
 RESUME_MODES = ("auto", "none", "None")
 
@@ -82,6 +83,7 @@ def save_atomic(obj: Any, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+            crash_point("checkpoint-write")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

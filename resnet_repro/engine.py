@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from resnet_repro import batches, checkpoint, distributed
+from resnet_repro import batches, checkpoint, distributed, stopping
 from resnet_repro.bn_groups import convert_bn_groups, set_update_stats
 from resnet_repro.data import build_data, on_device, resolve_workers
 from resnet_repro.data.preprocess import Preprocessor
 from resnet_repro.errors import UserError
 from resnet_repro.evaluation import topk_accuracy
-from resnet_repro.faults import crash_point
+from resnet_repro.faults import crash_point, step_point
 from resnet_repro.losses import build_loss
 from resnet_repro.mixing import build_mixer
 from resnet_repro.models import build_model_from_cfg, count_flops, count_params
@@ -58,6 +58,29 @@ class RunInfo:
     config_yaml: str = ""
     section: str = ""
     data_fingerprint: str | None = None
+
+
+@dataclass
+class EpochProgress:
+    """Where the epoch in progress stands on this rank: steps done, the loss summed over its images, the images,
+    and the training seconds so far. A mid-epoch checkpoint holds it (each rank's sums), so a resumed epoch
+    reports the same train_loss as an uninterrupted one."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    elapsed_s: float = 0.0
+
+    @classmethod
+    def of(cls, state: Mapping[str, Any], rank: int, world: int) -> EpochProgress:
+        """This rank's part of a checkpoint's epoch; under another world size rank 0 carries the sums."""
+        saved = state.get("epoch_progress") or {}
+        sums, seen = saved.get("loss_sum", []), saved.get("seen", [])
+        if len(sums) == world:
+            mine = (float(sums[rank]), int(seen[rank]))
+        else:
+            mine = (float(sum(sums)), int(sum(seen))) if rank == 0 else (0.0, 0)
+        return cls(int(state.get("step", 0)), *mine, float(saved.get("elapsed_s", 0.0)))
 
 
 class NonFiniteLoss(UserError):
@@ -141,6 +164,10 @@ class Trainer:
         self.best_top1, self.best_epoch, self.best_val = float("-inf"), 0, {}
         self.history: dict[int, dict[str, float]] = {}  # epoch -> its metrics, kept in every checkpoint
         self.steps = min(len(self.data.train), tr["limit_train_batches"] or len(self.data.train))
+        self.progress = EpochProgress()  # the epoch in progress (restored mid-epoch by a resume)
+        self._resume_rng: Any = None  # this rank's RNG states from the checkpoint, applied where the epoch resumes
+        self.vote = stopping.StepVote(self.world, lambda: stopping.requested() is not None)
+        self._last_logged_step = 0  # MLflow step metrics the run already has: a resumed run never logs one twice
         self._eval_seconds = 0.0  # the last evaluation's time, for the run's ETA
         self._bn_update: bool | None = None  # what the BN groups were last told (set_update_stats)
 
@@ -172,14 +199,23 @@ class Trainer:
         return loss_sum
 
     # ---- epochs -------------------------------------------------------------------------------
-    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+    def train_one_epoch(self, epoch: int) -> dict[str, float] | None:
+        """The epoch's steps from where `self.progress` stands; its metrics, or None when the ranks agreed to
+        stop before its end (`self.progress` then holds the stop point)."""
         self.net.train()
+        done = self.progress
         self.data.train.sampler.set_epoch(epoch)
+        self.data.train.sampler.start_at(done.step * self.plan.device_batch)  # mid-epoch: skip the steps done
+        if done.step == 0:  # resumed at an epoch's end: the RNG states as the epoch started
+            self._restore_rng()
+        batches = iter(self.data.train)
+        self._restore_rng()  # mid-epoch: the states of that step boundary, after whatever starting the epoch drew
         base_lr = float(self.recipe["optimizer"]["lr"])
-        loss_sum, seen, lr = torch.zeros((), device=self.device, dtype=torch.float64), 0, base_lr
+        loss_sum = torch.tensor(done.loss_sum, device=self.device, dtype=torch.float64)
+        seen, lr = done.seen, base_lr
         every = int(self.cfg["trainer"]["log_every_n_steps"])
         bar = Progress(f"epoch {epoch + 1}/{self.epochs}", self.steps, every, enabled=self.rank == 0)
-        for it, (images, labels) in enumerate(islice(self.data.train, self.steps)):
+        for it, (images, labels) in enumerate(islice(batches, self.steps - done.step), start=done.step):
             lr = learning_rate(self.recipe["schedule"], base_lr, self.epochs, epoch, it, self.steps)
             set_lr(self.optimizer, lr)
             loss = self.train_step(images, labels)
@@ -188,14 +224,34 @@ class Trainer:
             bar.advance(step)
             if step % every == 0 or step == self.steps:  # the same steps on every rank: the check all-reduces
                 self._check_finite(loss_sum, epoch, step)
+                self._log_step(epoch, step, float(loss_sum) / seen if self.rank == 0 else 0.0, lr)
             if bar.due(step):  # rank 0
                 self._report_step(bar, epoch, step, float(loss_sum) / seen, seen, lr)
+            step_point(epoch + 1, step)
+            if step < self.steps and self.vote.poll():  # every rank stops after this same step
+                self.progress = EpochProgress(step, float(loss_sum), seen, done.elapsed_s + bar.elapsed())
+                bar.close()
+                return None
+        self.vote.settle()
         bar.close()
         totals = torch.stack([loss_sum.double(), torch.tensor(float(seen), device=self.device, dtype=torch.float64)])
         if self.world > 1:
             torch.distributed.all_reduce(totals)
-        elapsed = bar.elapsed()
+        elapsed = done.elapsed_s + bar.elapsed()
+        self.progress = EpochProgress()
         return {"train_loss": float(totals[0] / totals[1]), "lr": lr, "train_img_per_s": float(totals[1]) / elapsed}
+
+    def _restore_rng(self) -> None:
+        if self._resume_rng is not None:
+            checkpoint.set_rng_state(self._resume_rng)
+            self._resume_rng = None
+
+    def _log_step(self, epoch: int, step: int, loss: float, lr: float) -> None:
+        """MLflow's step metrics at fixed steps (every log_every_n_steps, and the epoch's end), each step once."""
+        global_step = epoch * self.steps + step
+        if self.rank == 0 and global_step > self._last_logged_step:
+            self.tracker.log_metrics({"step/train_loss": loss, "step/lr": lr}, step=global_step)
+            self._last_logged_step = global_step
 
     def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
         """A NaN or infinite loss stops the run on every rank (reading it syncs: only at reporting points)."""
@@ -209,16 +265,16 @@ class Trainer:
             )
 
     def _report_step(self, bar: Progress, epoch: int, step: int, loss: float, seen: int, lr: float) -> None:
-        """The progress line (loss, LR, img/s, ETAs of the epoch and the run) and MLflow's step metrics."""
+        """The progress line: loss, LR, img/s, ETAs of the epoch and the run."""
         rate = seen * self.world / bar.elapsed()
         per_epoch = self.steps * bar.elapsed() / step + self._eval_seconds
         fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}"}
         bar.report(step, fields, run_left_s=(self.epochs - epoch - 1) * per_epoch)
-        self.tracker.log_metrics({"step/train_loss": loss, "step/lr": lr}, step=epoch * self.steps + step)
 
     def evaluate(self) -> dict[str, float]:
         """Top-1/top-5 (percent) over the split (or its evenly spread subset): each sample counted once."""
         start = time.perf_counter()
+        crash_point("evaluate")
         if self.world > 1:  # evaluate what the checkpoint holds: rank 0's BatchNorm statistics
             for buffer in self.model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
@@ -233,7 +289,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """last.pt: everything a resume needs, in types torch.load(weights_only=True) reads."""
         return {
-            "epoch": self.start_epoch,
+            "epoch": self.start_epoch,  # epochs completed
+            "step": self.progress.step,  # steps of the next epoch done (a mid-epoch checkpoint)
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
@@ -259,18 +316,26 @@ class Trainer:
         if self.precision.scaler is not None and state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
+        self.progress = EpochProgress(step=int(state.get("step", 0)))
         self.best_top1, self.best_epoch = float(state["best_top1"]), int(state.get("best_epoch", 0))
         self.best_val, self.history = dict(state.get("best_val", {})), dict(state.get("history", {}))
 
-    def save(self, rngs: list[Any]) -> None:
-        """last.pt, then best.pt when this epoch improved (a kill between the two is repaired at start)."""
+    def rank_states(self) -> list[dict[str, Any]]:
+        """Every rank's RNG states and epoch sums at this step boundary (a collective: all ranks call it)."""
+        mine = {"rng": checkpoint.rng_state(), "loss_sum": self.progress.loss_sum, "seen": self.progress.seen}
+        return distributed.all_gather_object(mine)
+
+    def save(self, ranks: list[dict[str, Any]]) -> None:
+        """last.pt (at an epoch's end, or mid-epoch where a stop left it), then best.pt when this epoch
+        improved (a kill between the two is repaired at start)."""
         mode = self.cfg["trainer"]["checkpoints"]
         if self.rank != 0 or mode == "none":
             return
-        state = {**self.state_dict(), "rng": rngs}
-        crash_point("before-first-checkpoint" if self.start_epoch == 1 else "")
+        progress = {"elapsed_s": self.progress.elapsed_s, **{k: [r[k] for r in ranks] for k in ("loss_sum", "seen")}}
+        state = {**self.state_dict(), "rng": [r["rng"] for r in ranks], "epoch_progress": progress}
+        crash_point("before-first-checkpoint" if self.start_epoch == 1 and self.progress.step == 0 else "")
         checkpoint.save_atomic(state, self.folder.last)
-        if mode == "last+best" and self.best_epoch == self.start_epoch:
+        if mode == "last+best" and self.best_epoch == self.start_epoch and self.progress.step == 0:
             crash_point("between-last-and-best")
             checkpoint.save_atomic(checkpoint.best_from_last(state), self.folder.best)
 
@@ -278,6 +343,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train from where the folder says to the end; returns the run's summary (best, last, time)."""
         start = time.perf_counter()
+        resume = checkpoint.Resume("fresh")
         try:
             resume = distributed.on_rank0(self._choose_resume)
             self._restore(resume)
@@ -285,11 +351,17 @@ class Trainer:
         except UserError as err:
             err.before_start = True
             raise
+        except stopping.Stopped as stop:  # a signal before the first step: keep what the folder had
+            raise self._stopped_at_start(stop, resume) from None
         try:
-            for epoch in range(self.start_epoch, self.epochs):
-                self._epoch(epoch)
-            crash_point("before-finish")
-            self._finish_books()
+            with stopping.current().deferring():  # from here a signal stops at a step boundary
+                for epoch in range(self.start_epoch, self.epochs):
+                    self._epoch(epoch)
+                crash_point("before-finish")
+                self._finish_books()
+        except stopping.Stopped as stop:
+            self._record_stop(stop)
+            raise
         except KeyboardInterrupt:
             self.tracker.finish("KILLED")
             raise
@@ -311,9 +383,41 @@ class Trainer:
             return
         state = checkpoint.load(resume.path, trusted=bool(self.cfg["trainer"]["trust_checkpoint"]))
         self.load_state_dict(state, weights_only=resume.action == "warm")
+        if resume.action == "warm":
+            return
+        self.progress = EpochProgress.of(state, self.rank, self.world)
         rngs = state.get("rng") or []
-        if len(rngs) == self.world and resume.action != "warm":
-            checkpoint.set_rng_state(rngs[self.rank])
+        if len(rngs) == self.world:  # applied where the epoch resumes (train_one_epoch)
+            self._resume_rng = rngs[self.rank]
+
+    def _stopped(self, epoch: int, step: int | None) -> stopping.Stopped:
+        """The stop after a checkpoint of this point: mid-epoch (`epoch` 0-based in progress, `step` done) or
+        at the end of `epoch` (epochs completed, `step` None)."""
+        sig = stopping.requested() or "SIGTERM"
+        where = f"at epoch {epoch + 1} step {step}/{self.steps}" if step is not None else f"after epoch {epoch}"
+        if self.cfg["trainer"]["checkpoints"] == "none":
+            line = f"stopped {where} ({sig}); trainer.checkpoints=none kept nothing: the same command starts over"
+            return stopping.Stopped(line, stopping.exit_code(sig), sig)
+        return stopping.Stopped(f"stopped {where} ({sig}); the same command resumes here", stopping.EXIT_STOPPED, sig)
+
+    def _stopped_at_start(self, stop: stopping.Stopped, resume: checkpoint.Resume) -> stopping.Stopped:
+        """A signal before the first step: a run that resumes a checkpoint still resumes it; a new one has
+        nothing to keep (its MLflow run, if started, is KILLED)."""
+        if resume.path is not None and resume.action != "warm":
+            where = f"epoch {self.start_epoch + 1} step {self.progress.step}/{self.steps}"
+            stop = stopping.Stopped(
+                f"stopped before the first step ({stop.signal_name}); the same command resumes at {where}",
+                stopping.EXIT_STOPPED,
+                stop.signal_name,
+            )
+        self._record_stop(stop)
+        return stop
+
+    def _record_stop(self, stop: stopping.Stopped) -> None:
+        """A resumable stop leaves the MLflow run RUNNING, tagged with where and why; otherwise it is KILLED."""
+        self.tracker.set_tags({"stopped": stop.line})
+        if not stop.resumable:
+            self.tracker.finish("KILLED")
 
     def _choose_resume(self) -> checkpoint.Resume:
         tr = self.cfg["trainer"]
@@ -337,13 +441,21 @@ class Trainer:
             tags=run_tags(self),
             params={**params, "num_val": self.data.num_val},
             texts={"config/config.yaml": self.info.config_yaml, "config/overrides.yaml": _as_list(self.info.overrides)},
-            resumed_tags={"resumed_at_epoch": self.start_epoch, "output_dir": self.info.output_dir},
+            resumed_tags={
+                "resumed_at_epoch": self.start_epoch,
+                "resumed_at_step": self.progress.step,
+                "output_dir": self.info.output_dir,
+            },
         )
         if not adopted:
             self.tracker.log_metrics({"params": self.params, "flops_g": self.flops}, step=0)
+        else:
+            self._last_logged_step = self.tracker.last_step(self.tracker.run_id, "step/train_loss")
+            self._say_where_the_run_lives()
         self.tracker.backfill(self.history)  # epochs a kill kept from MLflow but not from the checkpoint
         self.folder.write_run_id(self.tracker.run_id or "", self.tracker.uri)
-        closed = self.tracker.close_dead_runs(self.info.config_hash, keep=self.tracker.run_id)
+        mine = str(self.folder.path.resolve())  # we hold its lock: any other run left RUNNING there is dead
+        closed = self.tracker.close_dead_runs(self.info.config_hash, keep=self.tracker.run_id, checkpoint_dir=mine)
         note = f"; closed {len(closed)} run(s) left RUNNING by dead processes" if closed else ""
         log.info(
             "MLflow run %s (%s): see it with `%s`%s",
@@ -352,23 +464,42 @@ class Trainer:
             ui_command(self.tracker.uri),
             note,
         )
-        if resume.path is not None:
-            how = "warm-started from" if resume.action == "warm" else "resumed"
-            log.info("%s %s at epoch %d", how, resume.path, self.start_epoch)
+        if resume.path is not None and resume.action == "warm":
+            log.info("warm-started from %s", resume.path)
+        elif resume.path is not None:
+            where = f" step {self.progress.step}/{self.steps}" if self.progress.step else ""
+            log.info("resumed %s at epoch %d%s", resume.path, self.start_epoch + 1, where)
+
+    def _say_where_the_run_lives(self) -> None:
+        """A resumed run stays in the experiment it started in, whatever tracking.experiment says now."""
+        started_in = self.tracker.experiment_of(self.tracker.run_id)
+        if started_in is not None and started_in != self.tracker.experiment:
+            log.warning(
+                "MLflow run %s continues in experiment '%s', where it started; tracking.experiment=%s names new "
+                "runs only (trainer.resume=none starts a new run there)",
+                self.tracker.run_id,
+                started_in,
+                self.tracker.experiment,
+            )
 
     def _epoch(self, epoch: int) -> None:
-        start = time.perf_counter()
+        start, before = time.perf_counter(), self.progress.elapsed_s
         train = self.train_one_epoch(epoch)
-        val = self.evaluate()
-        metrics = {**train, **val, "epoch_time_s": time.perf_counter() - start}
+        if train is None:  # the ranks agreed to stop: a checkpoint of this step boundary, then the line
+            self.save(self.rank_states())
+            raise self._stopped(epoch, self.progress.step)
+        val = self.evaluate()  # a signal during the evaluation stops after it (and this epoch's checkpoint)
+        metrics = {**train, **val, "epoch_time_s": time.perf_counter() - start + before}
         self.start_epoch = epoch + 1
         self.history[epoch + 1] = metrics
         if val["val_top1"] > self.best_top1:
             self.best_top1, self.best_epoch, self.best_val = val["val_top1"], epoch + 1, dict(val)
-        self.save(distributed.all_gather_object(checkpoint.rng_state()))  # carries the metrics: a crash loses none
+        self.save(self.rank_states())  # carries the metrics: a crash loses none
         self.tracker.log_metrics(metrics, step=epoch + 1)
         if self.rank == 0:
             log.info(epoch_line(epoch + 1, self.epochs, metrics))
+        if epoch + 1 < self.epochs and self.vote.now():
+            raise self._stopped(epoch + 1, None)
 
     def _finish_books(self) -> None:
         """The end of the run: final metrics, FINISHED, artifacts (also all a re-run after a late kill does)."""
