@@ -39,6 +39,11 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
+def env_rank() -> int:
+    """The global rank the launcher gave this process (before the process group exists; 0 alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

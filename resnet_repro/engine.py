@@ -362,6 +362,14 @@ class Trainer:
         except stopping.Stopped as stop:
             self._record_stop(stop)
             raise
+        except Exception as err:
+            if stopping.requested() is None or isinstance(err, UserError):
+                self.tracker.finish("FAILED")
+                self._log_files()
+                raise
+            stop = self._stopped_by_error(err)  # an error while stopping (a lost peer, a loader ended by the signal)
+            self._record_stop(stop)
+            raise stop from err
         except KeyboardInterrupt:
             self.tracker.finish("KILLED")
             raise
@@ -412,6 +420,14 @@ class Trainer:
             )
         self._record_stop(stop)
         return stop
+
+    def _stopped_by_error(self, err: Exception) -> stopping.Stopped:
+        """Asked to stop, the run failed before it reached a step boundary: what the folder last got resumes."""
+        sig = stopping.requested() or "SIGTERM"
+        why = f"stopped ({sig}) by an error while stopping ({type(err).__name__}: {str(err).strip()[:160]})"
+        if self.rank == 0 and not self.folder.last.is_file():
+            return stopping.Stopped(f"{why}; nothing to resume", stopping.exit_code(sig), sig)
+        return stopping.Stopped(f"{why}; the same command resumes from the last checkpoint", stopping.EXIT_STOPPED, sig)
 
     def _record_stop(self, stop: stopping.Stopped) -> None:
         """A resumable stop leaves the MLflow run RUNNING, tagged with where and why; otherwise it is KILLED."""

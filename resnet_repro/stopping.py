@@ -73,6 +73,10 @@ class StopRequest:
             self.signal = name
         if not self.deferred:
             raise before_start(name)
+        if signum == signal.SIGTERM and int(signal.SIGCHLD) not in self.previous:
+            # a SIGTERM sent to the whole process tree (scancel, preemption) also ends the data-loader workers;
+            # torch's SIGCHLD handler would then raise anywhere in the step: finish it, stop at its boundary
+            self.previous[int(signal.SIGCHLD)] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     @contextlib.contextmanager
     def deferring(self) -> Iterator[StopRequest]:
@@ -113,7 +117,7 @@ def requested() -> str | None:
 def handling() -> Iterator[StopRequest]:
     """Handle SIGNALS for the block (main thread only: Python runs handlers there), then put back the
     previous handlers. A `Stopped` leaving the block is printed once (rank 0) and, when resumable, handed to
-    the previous handler of its signal (`chain`)."""
+    the previous handler of its signal (`hand_over`)."""
     global _current
     request, outer = StopRequest(), _current
     main = threading.current_thread() is threading.main_thread()
@@ -135,9 +139,12 @@ def handling() -> Iterator[StopRequest]:
             signal.signal(number, previous if previous is not None else signal.SIG_DFL)
 
 
+announcing = True  # False in workers whose launching process says the line (train.launch_workers)
+
+
 def announce(stop: Stopped) -> None:
-    """Print the stop line once, on rank 0."""
-    if not stop.printed and int(os.environ.get("RANK", "0")) == 0:
+    """Print the stop line once, on rank 0 (the launcher's RANK: also before the process group exists)."""
+    if announcing and not stop.printed and int(os.environ.get("RANK", "0")) == 0:
         print(f"resnet_repro: {stop.line}", file=sys.stderr, flush=True)
     stop.printed = True
 

@@ -167,13 +167,14 @@ def worker_main(cfg: dict[str, Any], info: RunInfo, outcome: str = "") -> dict[s
     torch elastic's error file, for the launching process to say in one line; rank 0 writes a stop to `outcome`."""
     if not logging.getLogger().handlers:
         handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-        if info.log_file and distributed.rank() == 0:  # the worker's lines land in Hydra's log too
+        if info.log_file and distributed.env_rank() == 0:  # the worker's lines land in Hydra's log too
             handlers.append(logging.FileHandler(info.log_file))
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s", handlers=handlers)
+    stopping.announcing = False  # the launching process says how the workers stopped, once
     try:
         return train(cfg, info)
     except stopping.Stopped as stop:
-        if outcome and distributed.rank() == 0:
+        if outcome and distributed.env_rank() == 0:
             Path(outcome).write_text(json.dumps({"line": stop.line, "code": stop.code, "signal": stop.signal_name}))
         raise
     except UserError as err:
@@ -194,6 +195,7 @@ def launch_workers(cfg: dict[str, Any], info: RunInfo, nproc: int) -> dict[str, 
         outcome = Path(tmp) / "stopped.json"
         for attempt in range(restarts + 1):
             os.environ["RESNET_REPRO_RESTART"] = str(attempt)  # the workers' restart count (faults.py)
+            outcome.unlink(missing_ok=True)
             try:
                 return distributed.launch_local(nproc, worker_main, cfg, info, str(outcome))
             except distributed.LauncherSignalled as sig:
@@ -224,19 +226,18 @@ def launch_workers(cfg: dict[str, Any], info: RunInfo, nproc: int) -> dict[str, 
 def _workers_stopped(
     cfg: dict[str, Any], info: RunInfo, outcome: Path, signal_name: str | None, handlers: dict[int, Any]
 ) -> stopping.Stopped:
-    """The workers stopped on a signal: rank 0's line (already printed), or, when none of them got to say it,
-    what the folder still holds. A resumable stop is handed to the previous handler (submitit's requeue)."""
+    """The workers stopped on a signal: rank 0's line, or, when none of them got to say it, what the folder
+    still holds; said once, here. A resumable stop is handed to the previous handler (submitit's requeue)."""
     if outcome.is_file():
         said = json.loads(outcome.read_text())
         stop = stopping.Stopped(said["line"], int(said["code"]), said["signal"])
-        stop.printed = True
     else:
         name = signal_name or "SIGTERM"
         stop = stopping.before_start(name)
         if _folder(cfg, info).last.is_file():
             line = f"stopped ({name}) before the workers wrote a checkpoint; the same command resumes from the last one"
             stop = stopping.Stopped(line, stopping.EXIT_STOPPED, name)
-        stopping.announce(stop)
+    stopping.announce(stop)
     if stop.resumable:
         stopping.hand_over(stop.signal_name, handlers)
     return stop

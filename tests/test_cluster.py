@@ -146,6 +146,14 @@ def test_a_stop_without_checkpoints_says_nothing_was_kept(run_here, tmp_path: Pa
     assert run.info.status == "KILLED" and run.data.tags["stopped"] == stop.line
 
 
+def test_an_error_while_stopping_still_ends_in_one_line(run_here, tmp_path: Path) -> None:
+    stop = run_here(tmp_path, [], crash="1.1 TERM; 1.1 raise")  # asked to stop, it failed before the boundary
+    assert stop.line == (
+        "stopped (SIGTERM) by an error while stopping (RuntimeError: injected fault at 1.1); nothing to resume"
+    )
+    assert stop.code == 128 + signal.SIGTERM
+
+
 # ---- several processes (slow: each launch imports torch in every process) ------------------------------------------
 def cli(tmp: Path, args: list[str], crash: str = "", launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RESNET_REPRO_CRASH_AT": crash}

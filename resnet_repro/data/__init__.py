@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -160,7 +161,16 @@ def _loader(dataset: Dataset, sampler: Sampler[Any], batch: int, workers: int, p
         pin_memory=pin,
         persistent_workers=workers > 0,
         generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and the scheduler's warnings (SIGUSR1/2) to the training process, which
+    stops at a step boundary and ends them itself; by default they would die at once and fail its next step.
+    (SIGTERM keeps its default: the training process ends its workers with it.)"""
+    for name in ("SIGINT", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _eval_loader(
