@@ -2,6 +2,8 @@
 
 Layout: <trainer.checkpoint_root>/<row>/seed<seed>-<config hash>/ holding
 - `last.pt`: everything a resume needs (model, optimizer, scaler, epoch, RNG states, metrics history, best);
+  written at each epoch's end, and mid-epoch when a signal stops the run (then `step` > 0: the steps of the
+  next epoch done, with each rank's RNG states and loss sums at that step boundary);
 - `best.pt`: the model of the best validation top-1 with the config that built it (what `get_model` and
   `resnet_repro.test` load);
 - `run.json`: the MLflow run of this config, written when the run starts (a kill before the first
@@ -201,7 +203,8 @@ class RunFolder:
         if not self.last.is_file():
             return
         last = load(self.last, mmap=True, trusted=trusted)
-        if last.get("best_epoch") != last.get("epoch") or not last.get("write_best", True):
+        mid_epoch = bool(last.get("step", 0))  # a stop's checkpoint: its weights are not an epoch's end
+        if mid_epoch or last.get("best_epoch") != last.get("epoch") or not last.get("write_best", True):
             return
         if self.best.is_file() and load(self.best, mmap=True, trusted=trusted).get("epoch") == last["epoch"]:
             return
