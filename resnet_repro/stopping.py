@@ -10,7 +10,7 @@ ends with one line and `EXIT_STOPPED`; the same command continues there. Signals
 never cut short.
 
 A handler that was there before (submitit's checkpoint-and-requeue) is handed the signal once the
-checkpoint is written (`chain`), so a SLURM job requeues itself only after our state is safe.
+checkpoint is written (`hand_over`), so a SLURM job requeues itself only after our state is safe.
 """
 
 from __future__ import annotations
