@@ -27,7 +27,7 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from resnet_repro.cli import prepare_argv
+    from resnet_repro import stopping
 
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:  # ours, short and at once (Hydra's: --hydra-help)
@@ -35,13 +35,16 @@ def main(argv: list[str] | None = None) -> None:
 
         print(main_help())
         return
-    register_resolvers()
-    try:
-        argv = prepare_argv(argv)
-    except UserError as err:
-        exit_with(err)
-    sys.argv = [sys.argv[0], *argv]
-    _hydra_main()
+    with stopping.handling():  # Ctrl-C or SIGTERM from here on ends in one line (train.train says where)
+        from resnet_repro.cli import prepare_argv
+
+        register_resolvers()
+        try:
+            argv = prepare_argv(argv)
+        except UserError as err:
+            exit_with(err)
+        sys.argv = [sys.argv[0], *argv]
+        _hydra_main()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 Layout: <trainer.checkpoint_root>/<row>/seed<seed>-<config hash>/ holding
 - `last.pt`: everything a resume needs (model, optimizer, scaler, epoch, RNG states, metrics history, best);
+  written at each epoch's end, and mid-epoch when a signal stops the run (then `step` > 0: the steps of the
+  next epoch done, with each rank's RNG states and loss sums at that step boundary);
 - `best.pt`: the model of the best validation top-1 with the config that built it (what `get_model` and
   `resnet_repro.test` load);
 - `run.json`: the MLflow run of this config, written when the run starts (a kill before the first
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from resnet_repro.errors import UserError, one_line
+from resnet_repro.faults import crash_point
 
 log = logging.getLogger("resnet_repro")
 RESUME_MODES = ("auto", "none", "None")
@@ -86,6 +89,7 @@ def save_atomic(obj: Any, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+            crash_point("checkpoint-write")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -256,7 +260,8 @@ class RunFolder:
         except UserError as err:
             best_epoch = -1
             log.warning("%s; it is rebuilt from last.pt where that holds the best epoch", one_line(err))
-        if last.get("best_epoch") != last.get("epoch") or not last.get("write_best", True):
+        mid_epoch = bool(last.get("step", 0))  # a stop's checkpoint: its weights are not an epoch's end
+        if mid_epoch or last.get("best_epoch") != last.get("epoch") or not last.get("write_best", True):
             if best_epoch == -1:
                 log.warning(
                     "%s is unreadable and last.pt holds epoch %s, not the best (%s): best.pt is written again when an "

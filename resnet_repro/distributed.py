@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import sys
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -33,6 +37,11 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
+
+
+def env_rank() -> int:
+    """The global rank the launcher gave this process (before the process group exists; 0 alone)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def local_rank() -> int:
@@ -152,8 +161,63 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A worker that ended badly: its global rank, exit code (negative: killed by that signal), own message and
+    traceback (what torch elastic's error file holds, empty when it died without a word)."""
+
+    rank: int
+    exitcode: int
+    message: str
+    traceback: str = ""
+
+    @property
+    def died_by_signal(self) -> bool:
+        return self.exitcode < 0
+
+
+class WorkersFailed(Exception):
+    """A local worker group ended with failures (`trainer.nproc_per_node`)."""
+
+    def __init__(self, failures: list[WorkerFailure]) -> None:
+        super().__init__(", ".join(f"rank {f.rank}: {f.message}" for f in failures))
+        self.failures = failures
+
+    @property
+    def root(self) -> WorkerFailure:
+        """The failure that caused the others: a worker killed by a signal, else one that did not just lose a
+        peer (its collective then fails too), else the lowest rank."""
+        return min(self.failures, key=lambda f: (not f.died_by_signal, _lost_a_peer(f.message), f.rank))
+
+
+def _lost_a_peer(message: str) -> bool:
+    return any(text in message for text in PEER_LOST)
+
+
+# what a collective raises when another process of the group is gone (gloo, NCCL, the TCP store)
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "DistNetworkError", "NCCL")
+
+
+class LauncherSignalled(Exception):
+    """The launching process got a signal; the elastic agent handed it to the workers and waited for them."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+# the signals the launching process hands to its workers (the agent's default set + SLURM's warning signals)
+HANDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+SHUTDOWN_TIMEOUT_S = 120  # a signalled worker's time to finish its step and write a checkpoint before SIGKILL
+
+
 def launch_local(nproc: int, entrypoint: Callable[..., Any], *args: Any) -> Any:
-    """Run `entrypoint(*args)` in `nproc` fresh local workers (what torchrun --standalone does); rank 0's result."""
+    """Run `entrypoint(*args)` in `nproc` fresh local workers (what torchrun --standalone does); rank 0's result.
+
+    WorkersFailed when a worker fails (the group is stopped, not restarted: the caller decides); LauncherSignalled
+    when this process got a signal (the workers got it too and had SHUTDOWN_TIMEOUT_S to stop)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
@@ -166,6 +230,38 @@ def launch_local(nproc: int, entrypoint: Callable[..., Any], *args: Any) -> Any:
         max_restarts=0,
         monitor_interval=0.5,
         start_method="spawn",
+        signals_to_handle=HANDED_SIGNALS,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
-    results = elastic_launch(config, entrypoint)(*args)
+    # the launcher's own reports of a failure (the caller says what failed in one line), and the resource
+    # tracker's note about the semaphores of a worker killed by a signal (it inherits these warning options)
+    quiet = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.CRITICAL)
+    if LEAKED_SEMAPHORES not in sys.warnoptions:
+        sys.warnoptions.append(LEAKED_SEMAPHORES)
+    try:
+        results = elastic_launch(config, entrypoint)(*args)
+    except ChildFailedError as err:
+        raise WorkersFailed([_failure(rank, f) for rank, f in sorted(err.failures.items())]) from None
+    except SignalException as err:
+        raise LauncherSignalled(signal.Signals(err.sigval).name) from None
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
     return results[0]
+
+
+LEAKED_SEMAPHORES = "ignore:resource_tracker:UserWarning"
+
+
+def _failure(rank: int, failure: Any) -> WorkerFailure:
+    data = (getattr(failure, "error_file_data", None) or {}).get("message", {})
+    trace = data.get("extraInfo", {}).get("py_callstack", "") if isinstance(data, dict) else ""
+    message = str(failure.message or "").strip()
+    if failure.exitcode < 0:
+        message = f"killed by {failure.signal_name()}"
+    elif message.startswith("To enable traceback"):  # no error file: it said nothing
+        message = f"exit status {failure.exitcode}"
+    return WorkerFailure(rank, int(failure.exitcode), message.splitlines()[0] if message else "", trace)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from resnet_repro import batches, checkpoint, distributed
+from resnet_repro import batches, checkpoint, distributed, stopping
 from resnet_repro.bn_groups import (
     GroupBatchNorm2d,
     convert_bn_groups,
@@ -41,7 +41,7 @@ from resnet_repro.data.preprocess import Preprocessor
 from resnet_repro.data.wait import WaitClock, input_bound_message
 from resnet_repro.errors import UserError, one_line
 from resnet_repro.evaluation import topk_accuracy
-from resnet_repro.faults import crash_point
+from resnet_repro.faults import crash_point, step_point
 from resnet_repro.losses import build_loss
 from resnet_repro.mixing import build_mixer
 from resnet_repro.models import build_model_from_cfg, count_flops, count_params
@@ -69,6 +69,29 @@ class RunInfo:
     config_yaml: str = ""
     section: str = ""
     data_fingerprint: str | None = None
+
+
+@dataclass
+class EpochProgress:
+    """Where the epoch in progress stands on this rank: steps done, the loss summed over its images, the images,
+    and the training seconds so far. A mid-epoch checkpoint holds it (each rank's sums), so a resumed epoch
+    reports the same train_loss as an uninterrupted one."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    elapsed_s: float = 0.0
+
+    @classmethod
+    def of(cls, state: Mapping[str, Any], rank: int, world: int) -> EpochProgress:
+        """This rank's part of a checkpoint's epoch; under another world size rank 0 carries the sums."""
+        saved = state.get("epoch_progress") or {}
+        sums, seen = saved.get("loss_sum", []), saved.get("seen", [])
+        if len(sums) == world:
+            mine = (float(sums[rank]), int(seen[rank]))
+        else:
+            mine = (float(sum(sums)), int(sum(seen))) if rank == 0 else (0.0, 0)
+        return cls(int(state.get("step", 0)), *mine, float(saved.get("elapsed_s", 0.0)))
 
 
 class NonFiniteLoss(UserError):
@@ -172,6 +195,10 @@ class Trainer:
         self.best_top1, self.best_epoch, self.best_val = float("-inf"), 0, {}
         self.history: dict[int, dict[str, float]] = {}  # epoch -> its metrics, kept in every checkpoint
         self.steps = min(len(self.data.train), tr["limit_train_batches"] or len(self.data.train))
+        self.progress = EpochProgress()  # the epoch in progress (restored mid-epoch by a resume)
+        self._resume_rng: Any = None  # this rank's RNG states from the checkpoint, applied where the epoch resumes
+        self.vote = stopping.StepVote(self.world, lambda: stopping.requested() is not None)
+        self._last_logged_step = 0  # MLflow step metrics the run already has: a resumed run never logs one twice
         self._eval_seconds = 0.0  # the last evaluation's time, for the run's ETA
         self._bn_update: bool | None = None  # what the BN groups were last told (set_update_stats)
         self._said_input_bound = False  # the advice of data.wait.input_bound_message is given once
@@ -206,16 +233,27 @@ class Trainer:
         return loss_sum
 
     # ---- epochs -------------------------------------------------------------------------------
-    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+    def train_one_epoch(self, epoch: int) -> dict[str, float] | None:
+        """The epoch's steps from where `self.progress` stands; its metrics, or None when the ranks agreed to
+        stop before its end (`self.progress` then holds the stop point)."""
         self.net.train()
+        done = self.progress
         self.data.train.sampler.set_epoch(epoch)
+        self.data.train.sampler.start_at(done.step * self.plan.device_batch)  # mid-epoch: skip the steps done
+        if done.step == 0:  # resumed at an epoch's end: the RNG states as the epoch started
+            self._restore_rng()
+        batches = iter(self.data.train)
+        self._restore_rng()  # mid-epoch: the states of that step boundary, after whatever starting the epoch drew
         base_lr = float(self.recipe["optimizer"]["lr"])
-        loss_sum, seen, lr = torch.zeros((), device=self.device, dtype=torch.float64), 0, base_lr
+        loss_sum = torch.tensor(done.loss_sum, device=self.device, dtype=torch.float64)
+        seen, lr = done.seen, base_lr
         every = int(self.cfg["trainer"]["log_every_n_steps"])
         later = (self.epochs - epoch - 1, self._eval_seconds)  # for the run's ETA
-        bar = Progress(f"epoch {epoch + 1}/{self.epochs}", self.steps, every, enabled=self.rank == 0, later=later)
-        batches = WaitClock(islice(self.data.train, self.steps))  # data_wait_frac: time in the loader's next()
-        for it, (images, labels) in enumerate(batches):
+        bar = Progress(
+            f"epoch {epoch + 1}/{self.epochs}", self.steps, every, enabled=self.rank == 0, later=later, done=done.step
+        )
+        batches = WaitClock(islice(batches, self.steps - done.step))  # data_wait_frac: time in the loader's next()
+        for it, (images, labels) in enumerate(batches, start=done.step):
             lr = learning_rate(self.recipe["schedule"], base_lr, self.epochs, epoch, it, self.steps)
             set_lr(self.optimizer, lr)
             loss = self.train_step(images, labels)
@@ -224,8 +262,15 @@ class Trainer:
             bar.advance(step, live=functools.partial(self._live_fields, bar, loss_sum, seen, lr, batches))
             if step % every == 0 or step == self.steps:  # the same steps on every rank: the check all-reduces
                 self._check_finite(loss_sum, epoch, step)
+                self._log_step(epoch, step, float(loss_sum) / seen if self.rank == 0 else 0.0, lr)
             if bar.due(step):  # rank 0
                 self._report_step(bar, epoch, step, float(loss_sum) / seen, seen, lr, batches.fraction())
+            step_point(epoch + 1, step)
+            if step < self.steps and self.vote.poll():  # every rank stops after this same step
+                self.progress = EpochProgress(step, float(loss_sum), seen, done.elapsed_s + bar.elapsed())
+                bar.close()
+                return None
+        self.vote.settle()
         bar.close()
         wait = batches.fraction()
         advice = input_bound_message(wait, epoch + 1, self.cfg, self.workers, self.data.decode)
@@ -235,13 +280,26 @@ class Trainer:
         totals = torch.stack([loss_sum.double(), torch.tensor(float(seen), device=self.device, dtype=torch.float64)])
         if self.world > 1:
             torch.distributed.all_reduce(totals)
-        elapsed = bar.elapsed()
+        elapsed = done.elapsed_s + bar.elapsed()
+        self.progress = EpochProgress()
         return {
             "train_loss": float(totals[0] / totals[1]),
             "lr": lr,
             "train_img_per_s": float(totals[1]) / elapsed,
             "data_wait_frac": wait,
         }
+
+    def _restore_rng(self) -> None:
+        if self._resume_rng is not None:
+            checkpoint.set_rng_state(self._resume_rng, self.device)
+            self._resume_rng = None
+
+    def _log_step(self, epoch: int, step: int, loss: float, lr: float) -> None:
+        """MLflow's step metrics at fixed steps (every log_every_n_steps, and the epoch's end), each step once."""
+        global_step = epoch * self.steps + step
+        if self.rank == 0 and global_step > self._last_logged_step:
+            self.tracker.log_metrics({"step/train_loss": loss, "step/lr": lr}, step=global_step)
+            self._last_logged_step = global_step
 
     def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
         """A NaN or infinite loss stops the run on every rank (reading it syncs: only at reporting points)."""
@@ -256,7 +314,7 @@ class Trainer:
 
     def _step_fields(self, bar: Progress, loss: float, seen: int, lr: float, wait: float) -> dict[str, str]:
         """What the progress shows of the epoch so far (its ETAs are the bar's)."""
-        rate = seen * self.world / bar.elapsed()
+        rate = (seen - self.progress.seen) * self.world / bar.elapsed()  # this start's images, this start's time
         return {"loss": f"{loss:.4f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}", "wait": f"{wait:.0%}"}
 
     def _live_fields(
@@ -268,13 +326,13 @@ class Trainer:
     def _report_step(
         self, bar: Progress, epoch: int, step: int, loss: float, seen: int, lr: float, wait: float
     ) -> None:
-        """The progress line (loss, LR, img/s, ETAs of the epoch and the run) and MLflow's step metrics."""
+        """The progress line: loss, LR, img/s, wait, ETAs of the epoch and the run (MLflow's: _log_step)."""
         bar.report(step, self._step_fields(bar, loss, seen, lr, wait))
-        self.tracker.log_metrics({"step/train_loss": loss, "step/lr": lr}, step=epoch * self.steps + step)
 
     def evaluate(self) -> dict[str, float]:
         """Top-1/top-5 (percent) over the split (or its evenly spread subset): each sample counted once."""
         start = time.perf_counter()
+        crash_point("evaluate")
         if self.world > 1:  # evaluate what the checkpoint holds: rank 0's BatchNorm statistics
             for buffer in self.model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
@@ -289,7 +347,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """last.pt: everything a resume needs, in types torch.load(weights_only=True) reads."""
         return {
-            "epoch": self.start_epoch,
+            "epoch": self.start_epoch,  # epochs completed
+            "step": self.progress.step,  # steps of the next epoch done (a mid-epoch checkpoint)
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
@@ -316,18 +375,27 @@ class Trainer:
         if self.precision.scaler is not None and state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
+        self.progress = EpochProgress(step=int(state.get("step", 0)))
         self.best_top1, self.best_epoch = float(state["best_top1"]), int(state.get("best_epoch", 0))
         self.best_val, self.history = dict(state.get("best_val", {})), dict(state.get("history", {}))
 
-    def save(self, rngs: list[Any]) -> None:
-        """last.pt, then best.pt when this epoch improved (a kill between the two is repaired at start)."""
+    def rank_states(self) -> list[dict[str, Any]]:
+        """Every rank's RNG states and epoch sums at this step boundary (a collective: all ranks call it)."""
+        mine = {"rng": checkpoint.rng_state(self.device), "loss_sum": self.progress.loss_sum}
+        mine["seen"] = self.progress.seen
+        return distributed.all_gather_object(mine)
+
+    def save(self, ranks: list[dict[str, Any]]) -> None:
+        """last.pt (at an epoch's end, or mid-epoch where a stop left it), then best.pt when this epoch
+        improved (a kill between the two is repaired at start)."""
         mode = self.cfg["trainer"]["checkpoints"]
         if self.rank != 0 or mode == "none":
             return
-        state = {**self.state_dict(), "rng": rngs}
-        crash_point("before-first-checkpoint" if self.start_epoch == 1 else "")
+        progress = {"elapsed_s": self.progress.elapsed_s, **{k: [r[k] for r in ranks] for k in ("loss_sum", "seen")}}
+        state = {**self.state_dict(), "rng": [r["rng"] for r in ranks], "epoch_progress": progress}
+        crash_point("before-first-checkpoint" if self.start_epoch == 1 and self.progress.step == 0 else "")
         checkpoint.save_atomic(state, self.folder.last)
-        if mode == "last+best" and self.best_epoch == self.start_epoch:
+        if mode == "last+best" and self.best_epoch == self.start_epoch and self.progress.step == 0:
             crash_point("between-last-and-best")
             checkpoint.save_atomic(checkpoint.best_from_last(state), self.folder.best)
 
@@ -335,6 +403,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train from where the folder says to the end; returns the run's summary (best, last, time)."""
         start = time.perf_counter()
+        resume = checkpoint.Resume("fresh")
         try:
             resume = distributed.on_rank0(self._choose_resume)
             self._restore(resume)
@@ -344,11 +413,25 @@ class Trainer:
         except UserError as err:
             err.before_start = True
             raise
+        except stopping.Stopped as stop:  # a signal before the first step: keep what the folder had
+            raise self._stopped_at_start(stop, resume) from None
         try:
-            for epoch in range(self.start_epoch, self.epochs):
-                self._epoch(epoch)
-            crash_point("before-finish")
-            self._finish_books()
+            with stopping.current().deferring():  # from here a signal stops at a step boundary
+                for epoch in range(self.start_epoch, self.epochs):
+                    self._epoch(epoch)
+                crash_point("before-finish")
+                self._finish_books()
+        except stopping.Stopped as stop:
+            self._record_stop(stop)
+            raise
+        except Exception as err:
+            if stopping.requested() is None or isinstance(err, UserError):
+                self.tracker.finish("FAILED")
+                self._log_files()
+                raise
+            stop = self._stopped_by_error(err)  # an error while stopping (a lost peer, a loader ended by the signal)
+            self._record_stop(stop)
+            raise stop from err
         except KeyboardInterrupt:
             self.tracker.finish("KILLED")
             raise
@@ -371,9 +454,49 @@ class Trainer:
             return
         state = checkpoint.load(resume.path, trusted=bool(self.cfg["trainer"]["trust_checkpoint"]))
         self.load_state_dict(state, weights_only=resume.action == "warm", source=str(resume.path))
+        if resume.action == "warm":
+            return
+        self.progress = EpochProgress.of(state, self.rank, self.world)
         rngs = state.get("rng") or []
-        if len(rngs) == self.world and resume.action != "warm":
-            checkpoint.set_rng_state(rngs[self.rank], self.device)
+        if len(rngs) == self.world:  # applied where the epoch resumes (train_one_epoch)
+            self._resume_rng = rngs[self.rank]
+
+    def _stopped(self, epoch: int, step: int | None) -> stopping.Stopped:
+        """The stop after a checkpoint of this point: mid-epoch (`epoch` 0-based in progress, `step` done) or
+        at the end of `epoch` (epochs completed, `step` None)."""
+        sig = stopping.requested() or "SIGTERM"
+        where = f"at epoch {epoch + 1} step {step}/{self.steps}" if step is not None else f"after epoch {epoch}"
+        if self.cfg["trainer"]["checkpoints"] == "none":
+            line = f"stopped {where} ({sig}); trainer.checkpoints=none kept nothing: the same command starts over"
+            return stopping.Stopped(line, stopping.exit_code(sig), sig)
+        return stopping.Stopped(f"stopped {where} ({sig}); the same command resumes here", stopping.EXIT_STOPPED, sig)
+
+    def _stopped_at_start(self, stop: stopping.Stopped, resume: checkpoint.Resume) -> stopping.Stopped:
+        """A signal before the first step: a run that resumes a checkpoint still resumes it; a new one has
+        nothing to keep (its MLflow run, if started, is KILLED)."""
+        if resume.path is not None and resume.action != "warm":
+            where = f"epoch {self.start_epoch + 1} step {self.progress.step}/{self.steps}"
+            stop = stopping.Stopped(
+                f"stopped before the first step ({stop.signal_name}); the same command resumes at {where}",
+                stopping.EXIT_STOPPED,
+                stop.signal_name,
+            )
+        self._record_stop(stop)
+        return stop
+
+    def _stopped_by_error(self, err: Exception) -> stopping.Stopped:
+        """Asked to stop, the run failed before it reached a step boundary: what the folder last got resumes."""
+        sig = stopping.requested() or "SIGTERM"
+        why = f"stopped ({sig}) by an error while stopping ({type(err).__name__}: {str(err).strip()[:160]})"
+        if self.rank == 0 and not self.folder.last.is_file():
+            return stopping.Stopped(f"{why}; nothing to resume", stopping.exit_code(sig), sig)
+        return stopping.Stopped(f"{why}; the same command resumes from the last checkpoint", stopping.EXIT_STOPPED, sig)
+
+    def _record_stop(self, stop: stopping.Stopped) -> None:
+        """A resumable stop leaves the MLflow run RUNNING, tagged with where and why; otherwise it is KILLED."""
+        self.tracker.set_tags({"stopped": stop.line})
+        if not stop.resumable:
+            self.tracker.finish("KILLED")
 
     def _choose_resume(self) -> checkpoint.Resume:
         tr = self.cfg["trainer"]
@@ -435,9 +558,23 @@ class Trainer:
             ui_command(self.tracker.uri),
             note,
         )
-        if resume.path is not None:
-            how = "warm-started from" if resume.action == "warm" else "resumed"
-            log.info("%s %s at epoch %d", how, resume.path, self.start_epoch)
+        if resume.path is not None and resume.action == "warm":
+            log.info("warm-started from %s", resume.path)
+        elif resume.path is not None:
+            where = f" step {self.progress.step}/{self.steps}" if self.progress.step else ""
+            log.info("resumed %s at epoch %d%s", resume.path, self.start_epoch + 1, where)
+
+    def _say_where_the_run_lives(self) -> None:
+        """A resumed run stays in the experiment it started in, whatever tracking.experiment says now."""
+        started_in = self.tracker.experiment_of(self.tracker.run_id)
+        if started_in is not None and started_in != self.tracker.experiment:
+            log.warning(
+                "MLflow run %s continues in experiment '%s', where it started; tracking.experiment=%s names new "
+                "runs only (trainer.resume=none starts a new run there)",
+                self.tracker.run_id,
+                started_in,
+                self.tracker.experiment,
+            )
 
     def _open_run(self, resume: checkpoint.Resume) -> list[str]:
         """Open (or adopt) the run; the store is the authority on who trains this config on this data, so a rival
@@ -450,34 +587,46 @@ class Trainer:
             tags=run_tags(self),
             params={**params, "num_params": self.params, "flops_g": round(self.flops, 4)},  # params: fixed facts
             texts={"config/config.yaml": self.info.config_yaml, "config/overrides.yaml": _as_list(self.info.overrides)},
-            resumed_tags={"resumed_at_epoch": self.start_epoch, "output_dir": self.info.output_dir},
+            resumed_tags={
+                "resumed_at_epoch": self.start_epoch,
+                "resumed_at_step": self.progress.step,
+                "output_dir": self.info.output_dir,
+            },
             system_metrics=bool(self.cfg["tracking"].get("system_metrics")),
         )
         rival = rival_run(self.tracker, self.info.config_hash, self.info.data_fingerprint, self.tracker.claimed_at)
         if rival is not None:  # two starts at once from two checkpoint roots: the later one gives way
             self.tracker.withdraw(adopted)
             raise UserError(already_training(self.info.row_name, rival))
-        closed = self.tracker.close_dead_runs(self.info.config_hash, keep=self.tracker.run_id)
+        if adopted:
+            self._last_logged_step = self.tracker.last_step(self.tracker.run_id, "step/train_loss")
+            self._say_where_the_run_lives()
+        mine = str(self.folder.path.resolve())  # we hold its lock: any other run left RUNNING there is dead
+        closed = self.tracker.close_dead_runs(self.info.config_hash, keep=self.tracker.run_id, checkpoint_dir=mine)
         self.tracker.keep_pending(self.folder.path)  # from now on a write the store does not take is kept
         if self.history:  # epochs a kill kept from MLflow but not from the checkpoint (reads the run's history)
             self.tracker.backfill(self.history)
         return closed
 
     def _epoch(self, epoch: int) -> None:
-        start = time.perf_counter()
+        start, before = time.perf_counter(), self.progress.elapsed_s
         train = self.train_one_epoch(epoch)
-        val = self.evaluate()
-        metrics = {**train, **val, "epoch_time_s": time.perf_counter() - start}
+        if train is None:  # the ranks agreed to stop: a checkpoint of this step boundary, then the line
+            self.save(self.rank_states())
+            raise self._stopped(epoch, self.progress.step)
+        val = self.evaluate()  # a signal during the evaluation stops after it (and this epoch's checkpoint)
+        metrics = {**train, **val, "epoch_time_s": time.perf_counter() - start + before}
         self.start_epoch = epoch + 1
         self.history[epoch + 1] = metrics
         if val["val_top1"] > self.best_top1:
             self.best_top1, self.best_epoch, self.best_val = val["val_top1"], epoch + 1, dict(val)
-        rngs = distributed.all_gather_object(checkpoint.rng_state(self.device))
-        self.save(rngs)  # carries the metrics: a crash loses none
+        self.save(self.rank_states())  # carries the metrics: a crash loses none
         self.tracker.log_metrics(metrics, step=epoch + 1)
         if self.rank == 0:
             log.info(epoch_line(epoch + 1, self.epochs, metrics))
         crash_point(f"after-epoch-{epoch + 1}")
+        if epoch + 1 < self.epochs and self.vote.now():
+            raise self._stopped(epoch + 1, None)
 
     def _finish_books(self) -> None:
         """The end of the run: final metrics, FINISHED, artifacts (also all a re-run after a late kill does)."""

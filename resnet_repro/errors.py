@@ -15,6 +15,10 @@ class UserError(Exception):
     before_start = False
 
 
+class RunFailed(Exception):
+    """A run that failed for a reason outside the user's input (a worker died): one line, exit status 1."""
+
+
 def one_line(err: BaseException) -> str:
     """The message; for an error re-raised from a DataLoader worker, the worker's own last line."""
     text = str(err).strip()
@@ -25,4 +29,4 @@ def one_line(err: BaseException) -> str:
 
 def exit_with(err: BaseException) -> NoReturn:
     print(f"resnet_repro: error: {one_line(err)}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(1 if isinstance(err, RunFailed) else 2)

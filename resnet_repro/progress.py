@@ -39,7 +39,8 @@ class Progress:
     """Progress of one loop of `total` steps; `due(step)` says when a report is worth a device sync.
 
     `later`: (loops after this one, extra seconds each) — e.g. the epochs left and one evaluation's time —
-    for the ETA of the whole run, each later loop taken to last as long as this one.
+    for the ETA of the whole run, each later loop taken to last as long as this one. `done`: steps finished
+    before this start (a resumed epoch): the pace is that of the steps timed here.
     """
 
     def __init__(
@@ -52,9 +53,10 @@ class Progress:
         first: bool = True,
         later: tuple[int, float] | None = None,
         stream: IO[str] | None = None,
+        done: int = 0,
     ) -> None:
         self.desc, self.total, self.every, self.enabled, self.first = desc, total, max(1, every), enabled, first
-        self.later = later
+        self.later, self.done = later, done
         self._fields: Fields = {}
         self.start = self.last_report = self.last_refresh = time.perf_counter()
         stream = stream or sys.stderr
@@ -94,7 +96,7 @@ class Progress:
 
     def etas(self, step: int, run_left_s: float | None = None) -> tuple[float, float | None]:
         """(seconds left in this loop, seconds left in the whole run or None), at this loop's pace."""
-        per_step = self.elapsed() / max(step, 1)
+        per_step = self.elapsed() / max(step - self.done, 1)
         left = (self.total - step) * per_step
         if run_left_s is None and self.later is not None:
             loops, extra = self.later

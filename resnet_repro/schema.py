@@ -90,6 +90,7 @@ def _at_least(least: int, default: Any) -> Any:
 class TrainerSchema:
     device: str = "auto"  # checked by distributed.check_device (cuda:N needs a visible GPU N)
     nproc_per_node: int = _at_least(1, 1)
+    max_restarts: int = _at_least(0, 0)
     threads: Any = "auto"  # checked in check_values: auto or a count >= 1
     micro_batch: int | None = _at_least(1, None)
     forward_batch: int | None = _at_least(1, None)

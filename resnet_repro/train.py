@@ -4,9 +4,13 @@ this process, under torchrun's ranks, or in N local workers (`trainer.nproc_per_
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
+import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +18,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_repro import checkpoint, distributed
+from resnet_repro import checkpoint, distributed, stopping
 from resnet_repro.config import config_hash, deviations, table_row, to_plain, user_overrides, validate
 from resnet_repro.data.datasets import ensure_present, fingerprint
 from resnet_repro.engine import RunInfo, Trainer, already_training, rival_run, summary_line
-from resnet_repro.errors import UserError, exit_with, one_line
+from resnet_repro.errors import RunFailed, UserError, exit_with, one_line
+from resnet_repro.faults import crash_point
 from resnet_repro.sweep import write_summary
 from resnet_repro.tracking import Tracker, resolve_uri, ui_command
 
@@ -96,7 +101,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     plain = to_plain(cfg)
     nproc = int(cfg.trainer.nproc_per_node)
     if nproc > 1 and not distributed.under_torchrun():
-        return distributed.launch_local(nproc, worker_main, plain, info)
+        return launch_workers(plain, info, nproc)
     return train(plain, info)
 
 
@@ -134,14 +139,18 @@ def skipped_result(tracker: Tracker, run_id: str) -> dict[str, Any]:
 
 
 def train(cfg: dict[str, Any], info: RunInfo) -> dict[str, Any] | None:
-    """Train on every rank of the current process group (or alone)."""
+    """Train on every rank of the current process group (or alone). A signal stops it (stopping.Stopped): at
+    once before the first step, at a step boundary after a checkpoint once the steps run."""
+    with stopping.handling():
+        return _train(cfg, info)
+
+
+def _train(cfg: dict[str, Any], info: RunInfo) -> dict[str, Any] | None:
     distributed.init_from_env()
     tr = cfg["trainer"]
     local = distributed.local_world_size() if distributed.under_torchrun() else int(tr["nproc_per_node"])
     distributed.set_threads(tr["threads"], local)
-    folder = checkpoint.RunFolder(
-        checkpoint.run_dir(tr["checkpoint_root"], info.row_name, int(cfg["seed"]), info.config_hash)
-    )
+    folder = _folder(cfg, info)
     try:
         with before_start():
             prepared = distributed.on_rank0(lambda: prepare(cfg, info, folder.path))
@@ -149,6 +158,7 @@ def train(cfg: dict[str, Any], info: RunInfo) -> dict[str, Any] | None:
                 return prepared
             info.data_fingerprint = prepared
             distributed.on_rank0(folder.acquire)  # one process per config: a second one stops here in one line
+            crash_point("before-start")
             trainer = Trainer(cfg, info, folder)
         result = trainer.fit()
     finally:
@@ -205,19 +215,109 @@ def remove_output_dir(output_dir: str) -> None:
         parent.rmdir()
 
 
-def worker_main(cfg: dict[str, Any], info: RunInfo) -> dict[str, Any] | None:
-    """Entry of each worker started by `trainer.nproc_per_node` (a fresh process: set up logging)."""
+def worker_main(cfg: dict[str, Any], info: RunInfo, outcome: str = "") -> dict[str, Any] | None:
+    """Entry of each worker started by `trainer.nproc_per_node` (a fresh process: set up logging). Errors go to
+    torch elastic's error file, for the launching process to say in one line; rank 0 writes a stop to `outcome`."""
     if not logging.getLogger().handlers:
         handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-        if info.log_file and distributed.local_rank() == 0:  # the worker's lines land in Hydra's log too
+        if info.log_file and distributed.env_rank() == 0:  # the worker's lines land in Hydra's log too
             handlers.append(logging.FileHandler(info.log_file))
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s", handlers=handlers)
+    stopping.announcing = False  # the launching process says how the workers stopped, once
     try:
         return train(cfg, info)
+    except stopping.Stopped as stop:
+        if outcome and distributed.env_rank() == 0:
+            Path(outcome).write_text(json.dumps({"line": stop.line, "code": stop.code, "signal": stop.signal_name}))
+        raise
     except UserError as err:
-        exit_with(err)
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(err)
+        sys.exit(2)
     finally:
         distributed.destroy()
+
+
+def launch_workers(cfg: dict[str, Any], info: RunInfo, nproc: int) -> dict[str, Any] | None:
+    """`trainer.nproc_per_node=N`: N local workers. A failed group starts again up to trainer.max_restarts
+    times (resuming from the last checkpoint, in the same MLflow run), then ends in one line naming the failed
+    rank and its error (RunFailed; the MLflow run FAILED). A signal stops every worker (stopping.Stopped)."""
+    restarts, handlers = int(cfg["trainer"]["max_restarts"]), stopping.saved_handlers()
+    with tempfile.TemporaryDirectory(prefix="resnet_repro-") as tmp:
+        outcome = Path(tmp) / "stopped.json"
+        for attempt in range(restarts + 1):
+            os.environ["RESNET_REPRO_RESTART"] = str(attempt)  # the workers' restart count (faults.py)
+            outcome.unlink(missing_ok=True)
+            try:
+                return distributed.launch_local(nproc, worker_main, cfg, info, str(outcome))
+            except distributed.LauncherSignalled as sig:
+                raise _workers_stopped(cfg, info, outcome, sig.signal_name, handlers) from None
+            except distributed.WorkersFailed as failed:
+                if all(f.exitcode in stopping.stop_codes() for f in failed.failures):
+                    raise _workers_stopped(cfg, info, outcome, None, handlers) from None
+                root = failed.root
+                if root.exitcode == 2:  # bad input, found by the workers: their one line
+                    raise UserError(re.sub(r"^\w+: ", "", root.message)) from None
+                line = f"worker rank {root.rank} failed: {root.message}"
+                if attempt < restarts:
+                    log.warning(
+                        "%s; starting the %d workers again (restart %d of %d): they resume from the last checkpoint",
+                        line,
+                        nproc,
+                        attempt + 1,
+                        restarts,
+                    )
+                    continue
+                raise _run_failed(cfg, info, line, root) from None
+            finally:
+                stopping.restore_handlers(handlers)  # the elastic agent had replaced them
+                os.environ.pop("RESNET_REPRO_RESTART", None)
+    return None
+
+
+def _workers_stopped(
+    cfg: dict[str, Any], info: RunInfo, outcome: Path, signal_name: str | None, handlers: dict[int, Any]
+) -> stopping.Stopped:
+    """The workers stopped on a signal: rank 0's line, or, when none of them got to say it, what the folder
+    still holds; said once, here. A resumable stop is handed to the previous handler (submitit's requeue)."""
+    if outcome.is_file():
+        said = json.loads(outcome.read_text())
+        stop = stopping.Stopped(said["line"], int(said["code"]), said["signal"])
+    else:
+        name = signal_name or "SIGTERM"
+        stop = stopping.before_start(name)
+        if _folder(cfg, info).last.is_file():
+            line = f"stopped ({name}) before the workers wrote a checkpoint; the same command resumes from the last one"
+            stop = stopping.Stopped(line, stopping.EXIT_STOPPED, name)
+    stopping.announce(stop)
+    if stop.resumable:
+        stopping.hand_over(stop.signal_name, handlers)
+    return stop
+
+
+def _folder(cfg: dict[str, Any], info: RunInfo) -> checkpoint.RunFolder:
+    root = cfg["trainer"]["checkpoint_root"]
+    return checkpoint.RunFolder(checkpoint.run_dir(root, info.row_name, int(cfg["seed"]), info.config_hash))
+
+
+def _run_failed(cfg: dict[str, Any], info: RunInfo, line: str, root: distributed.WorkerFailure) -> RunFailed:
+    """The end of a worker group that failed for good: its traceback in the job's log, its MLflow run FAILED
+    and tagged with the failed rank (rank 0 may have died before saying anything), one line."""
+    where = ""
+    if root.traceback and info.log_file and Path(info.log_file).parent.is_dir():
+        with open(info.log_file, "a") as f:
+            f.write(f"{line}\n{root.traceback}\n")
+        where = f" (its traceback is in {info.log_file})"
+    run_id = _folder(cfg, info).read_run_id()
+    if run_id is not None:
+        tracker = Tracker(cfg["tracking"]["uri"], cfg["tracking"]["experiment"])
+        with contextlib.suppress(Exception):  # the books are best effort here: the line matters
+            if tracker.status(run_id) in ("RUNNING", "FAILED"):  # rank 0 may have failed it, on a lost peer
+                tracker.run_id = run_id
+                tracker.set_tags({"failed": line})
+                tracker.finish("FAILED")
+    return RunFailed(f"{line}{where}; the same command resumes from the last checkpoint")
 
 
 def run_and_summarise(cfg: DictConfig, multirun: bool) -> dict[str, Any] | None:
@@ -228,10 +328,10 @@ def run_and_summarise(cfg: DictConfig, multirun: bool) -> dict[str, Any] | None:
     start, result, error = time.perf_counter(), None, None
     try:
         result = run_job(cfg)
-    except UserError as err:
+    except (UserError, RunFailed) as err:
         error = one_line(err)
         if not multirun:
-            if err.before_start and HydraConfig.initialized():
+            if isinstance(err, UserError) and err.before_start and HydraConfig.initialized():
                 remove_output_dir(HydraConfig.get().runtime.output_dir)
             exit_with(err)
         log.error("resnet_repro: error: %s", error)

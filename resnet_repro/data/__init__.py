@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from resnet_repro.data import device_decode, on_device
 from resnet_repro.data.datasets import ArrayDataset, DataError, build_dataset, check_classes, check_readable
+from resnet_repro.data.resume import ResumableSampler
 from resnet_repro.data.samplers import GlobalBatchSampler, RepeatAugSampler, ShardSampler, spread
 from resnet_repro.data.transforms import Pipeline, build_pipeline
 
@@ -107,7 +109,7 @@ def build_data(
     classes = check_classes(train_set, test_set, ds)
     keep = spread(len(test_set), None if tr["limit_val_batches"] is None else tr["limit_val_batches"] * batch)
     seed, gpus, repeats = int(cfg["seed"]), int(recipe["gpus"]), int(recipe["sampler"]["repeats"])
-    sampler = build_train_sampler(train_set, repeats, batch * world, world, rank, seed, gpus=gpus)
+    sampler = ResumableSampler(build_train_sampler(train_set, repeats, batch * world, world, rank, seed, gpus=gpus))
     shard = ShardSampler(len(test_set), world, rank, keep)  # type: ignore[arg-type]
     if _keep_on_device(cfg, train_set, test_set, device):  # decoded once: a corrupt image is found now
         augment = on_device.DeviceAugment.from_pipeline(recipe["train_pipeline"])
@@ -174,9 +176,26 @@ def _keep_on_device(cfg: Mapping[str, Any], train: Dataset, test: Dataset, devic
 
 
 def _loader(dataset: Dataset, sampler: Sampler[Any], batch: int, workers: int, pin: bool) -> DataLoader:
+    # its own generator: starting an epoch does not draw from torch's global RNG (which drop-path and mixing
+    # use), so a run resumed at any step sees the same global draws; samples are seeded on their own anyway
     return DataLoader(
-        dataset, sampler=sampler, batch_size=batch, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0
+        dataset,
+        sampler=sampler,
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+        generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and the scheduler's warnings (SIGUSR1/2) to the training process, which
+    stops at a step boundary and ends them itself; by default they would die at once and fail its next step.
+    (SIGTERM keeps its default: the training process ends its workers with it.)"""
+    for name in ("SIGINT", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _eval_loader(

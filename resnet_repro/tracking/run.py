@@ -142,12 +142,15 @@ class Tracker:
                 return None
             raise
 
-    def close_dead_runs(self, config_hash: str, keep: str | None) -> list[str]:
-        """Runs of this config left RUNNING by a process of this host that no longer lives: KILLED."""
+    def close_dead_runs(self, config_hash: str, keep: str | None, checkpoint_dir: str | None = None) -> list[str]:
+        """Runs of this config left RUNNING by a process that no longer lives: KILLED. Dead means: it trained in
+        `checkpoint_dir`, whose lock the caller holds (any host), or its pid is gone from this host."""
         host, closed = platform.node(), []
         for run in self.search(f"tags.config_hash = '{config_hash}' and attributes.status = 'RUNNING'"):
             tags = run.data.tags
-            if run.info.run_id == keep or tags.get("host") != host or pid_alive(tags.get("pid", "")):
+            ours = checkpoint_dir is not None and tags.get("checkpoint_dir") == checkpoint_dir
+            dead = ours or (tags.get("host") == host and not pid_alive(tags.get("pid", "")))
+            if run.info.run_id == keep or not dead:
                 continue
             self.client.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_id)
@@ -321,6 +324,20 @@ class Tracker:
     def final_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of each metric of a run (e.g. a finished run a re-issued sweep skips)."""
         return dict(self.client.get_run(run_id).data.metrics)
+
+    @retrying
+    def experiment_of(self, run_id: str | None) -> str | None:
+        """The name of the experiment a run lives in (None: no such run)."""
+        if not self.active or run_id is None:
+            return None
+        exp = self.client.get_experiment(self.client.get_run(run_id).info.experiment_id)
+        return exp.name if exp is not None else None
+
+    def last_step(self, run_id: str | None, key: str) -> int:
+        """The highest step of a metric the run holds (0: none)."""
+        if not self.active or run_id is None:
+            return 0
+        return max((step for step, _ in self.history(run_id, key)), default=0)
 
     @retrying
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
