@@ -300,7 +300,8 @@ def test_a_submitit_job_stopped_by_its_time_limit_warning_requeues_and_finishes_
     args = ["--multirun", "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}/sweep", *DEMO, *ONE]
     proc = cli(tmp_path, [*args, *train_args(tmp_path)], crash="1.3 USR2")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    (run,) = mlflow_runs(tmp_path)
+    sweep, (run,) = _split_by(mlflow_runs(tmp_path), lambda r: r.data.tags.get("run_type") == "sweep")
+    assert len(sweep) == 1 and run.data.tags["mlflow.parentRunId"] == sweep[0].info.run_id  # the sweep's own run
     assert run.info.status == "FINISHED"
     assert run.data.tags["stopped"] == "stopped at epoch 1 step 3/4 (SIGUSR2); the same command resumes here"
     assert run.data.tags["resumed_at_step"] == "3"
@@ -308,3 +309,8 @@ def test_a_submitit_job_stopped_by_its_time_limit_warning_requeues_and_finishes_
         assert len(history(tmp_path, run.info.run_id, key)) == 2, key
     logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*_log.*"))
     assert "Requeued job" in logs
+
+
+def _split_by(runs: list, test) -> tuple[list, list]:
+    """(the runs for which test holds, the others)."""
+    return [r for r in runs if test(r)], [r for r in runs if not test(r)]

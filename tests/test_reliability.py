@@ -112,7 +112,7 @@ CATALOGUE: dict[str, tuple[list[str], list[str]]] = {
     "lr_not_a_number": (["recipe.optimizer.lr=fast"], ["recipe.optimizer.lr=fast"]),
     "momentum_above_one": (["recipe.optimizer.momentum=1.5"], ["recipe.optimizer.momentum=1.5"]),
     "epochs_zero": (["recipe.epochs=0"], ["recipe.epochs=0", "positive"]),
-    "warmup_negative": (["recipe.schedule.warmup_epochs=-2"], ["recipe.schedule.warmup_epochs=-2", "[0, 1]"]),
+    "warmup_negative": (["recipe.schedule.warmup_epochs=-2"], ["recipe.schedule.warmup_epochs=-2", "an integer >= 0"]),
     "seed_not_a_number": (["seed=abc"], ["seed=abc", "an integer in [0, 4294967295]"]),
     "seed_beyond_64_bits": (["seed=18446744073709551616"], ["seed=18446744073709551616", "4294967295"]),
     "seed_a_fraction": (["seed=1.5"], ["seed=1.5", "an integer"]),
