@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -81,6 +82,24 @@ def test_a_write_the_store_refuses_is_dropped_with_a_warning_not_kept_for_ever(
     with caplog.at_level(logging.WARNING, logger="resnet_repro"):
         tracker.log_params({"lr": 0.2})  # MLflow never changes a parameter
     assert tracker.pending == 0 and "refused a write" in _warnings(caplog)[0]
+
+
+def test_system_metrics_stuck_in_retries_do_not_hold_the_run_s_end() -> None:
+    """MLflow's sampling thread retries a store that went away for minutes; stopping it waits seconds."""
+    from resnet_repro.tracking.standard import stop_system_metrics
+
+    class Stuck:  # what MLflow's SystemMetricsMonitor holds: a daemon thread and its shutdown event
+        def __init__(self) -> None:
+            self._shutdown_event, self.flushed = threading.Event(), False
+            self._process = threading.Thread(target=time.sleep, args=(60,), daemon=True)
+            self._process.start()
+
+        def finish(self) -> None:
+            self.flushed = True
+
+    monitor, start = Stuck(), time.monotonic()
+    stop_system_metrics(monitor, wait_s=0.5)
+    assert time.monotonic() - start < 5 and monitor._shutdown_event.is_set() and not monitor.flushed
 
 
 # ---- a real tracking server, killed mid-run ------------------------------------------------------

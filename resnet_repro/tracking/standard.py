@@ -78,10 +78,19 @@ def start_system_metrics(uri: str, run_id: str, resume: bool, interval_s: float 
         return None
 
 
-def stop_system_metrics(monitor: Any) -> None:
-    if monitor is not None:
-        with contextlib.suppress(Exception):
-            monitor.finish()
+def stop_system_metrics(monitor: Any, wait_s: float = 5.0) -> None:
+    """Stop the sampling thread and flush its last samples. MLflow's `finish()` joins the thread without a
+    limit, and a store that went away keeps it in HTTP retries for minutes: it gets `wait_s`, then it is left
+    (a daemon thread: it ends with the process) and its last samples with it (the run's own writes are kept by
+    tracking.outbox; system metrics are only nice to have)."""
+    thread = getattr(monitor, "_process", None)
+    if monitor is None or thread is None:
+        return
+    with contextlib.suppress(Exception):
+        monitor._shutdown_event.set()
+        thread.join(wait_s)
+        if not thread.is_alive():
+            monitor.finish()  # the thread has ended: this only flushes
 
 
 # ---- sweeps -----------------------------------------------------------------------------------
