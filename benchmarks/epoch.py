@@ -1,5 +1,6 @@
-"""Real epochs of a row end to end (loader or device-resident data, steps, evaluation), without MLflow or
-checkpoints: the time a real run spends per epoch, its val top-1, and what the row's full recipe would take.
+"""Real epochs of a row end to end (loader or device-resident data, steps, evaluation), without MLflow
+(tracking.uri=none: a bare GPU machine has none) or checkpoints: the time a real run spends per epoch, its val
+top-1, and what the row's full recipe would take.
 
     python -m benchmarks.epoch --data <extracted CIFAR-10 JPEGs> --device cuda --max-seconds 240
     python -m benchmarks.epoch --data <...> --epochs 2 trainer.forward_batch=16 trainer.data_on_device=false
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     rec = Recorder(args.json, "epoch", dev)
     try:
         run(args, rec, deadline)
-    except ModuleNotFoundError as err:  # e.g. mlflow where the trainer still imports it with tracking off
+    except ModuleNotFoundError as err:  # e.g. hydra-core where gpu_check.sh --prepare's wheels did not come along
         rec.skip(args.row, missing_import(err))
     rec.print_table()
 
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace, rec: Recorder, deadline: Deadline) -> None:
         f"dataset.root={Path(args.data).resolve()}",
         f"trainer.device={args.device}",
         "trainer.checkpoints=none",
+        "tracking.uri=none",
         *(TINY if args.tiny else ()),
         *args.overrides,
     ]

@@ -11,14 +11,12 @@ rule). torch has no ghost BN and timm's BN layers are plain BN, hence this modul
 Implementation ("per-group", the CPU default): each group goes through torch's own `F.batch_norm` and the
 outputs are concatenated. The first group carries the running buffers, so their update is torch's, bit for
 bit (momentum, unbiased variance, momentum=None), and every group is computed exactly as its micro-batch
-was. "one-kernel" (the CUDA default) folds the groups into channels for one `F.batch_norm`. Measured on the 2-core
-development CPU (ResNet-18 CIFAR stem, batch 128, groups of 16, full train step, one thread, process time,
-median of 5 alternating rounds, two sessions; plain BN = 1.0): this per-group loop 1.03 / 0.99; a `var_mean`
-over the (G, n, C, H, W) view with broadcast affine 0.64 / 0.70 (CPU `var_mean` is a slow Welford pass), the
-same with a hand-written backward 0.80 / 0.94, one `F.batch_norm` over a (n, G*C, H, W) copy 0.86 / 0.99.
-It traces without graph breaks, and inductor fuses it (per layer on CPU: one forward, one backward kernel).
-On a GPU in eager mode every group of the per-group form is its own BN kernel (launch-bound at CIFAR sizes):
-hence the one-kernel form there, not yet measured on a GPU (this session had none; benchmarks/ measure it).
+was. "one-kernel" (the CUDA default) folds the groups into channels for one `F.batch_norm`. On a CPU the per-group
+loop runs at plain BN's speed, faster than the forms tried instead (a `var_mean` over a (G, n, C, H, W) view, CPU
+`var_mean` being a slow Welford pass; the one-kernel copy); on a GPU in eager mode every group of it is its own BN
+kernel (launch-bound at CIFAR sizes), hence the one-kernel form there. It traces without graph breaks, and inductor
+fuses it (per layer on CPU: one forward, one backward kernel). Figures: the README's Performance section
+(`python -m benchmarks.bn_groups`).
 """
 
 from __future__ import annotations

@@ -81,28 +81,23 @@ def _unsafe_types(path: Path) -> str:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write `obj` whole or not at all: JSON for a `.json` path, else torch.save, into a temporary file in the same
+    folder (created if missing), fsync, then rename over `path`. An error leaves the old file and no temporary."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            if path.suffix == ".json":
+                f.write(json.dumps(obj, indent=1).encode())
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-            crash_point("checkpoint-write")
+            crash_point("checkpoint-write" if path.suffix != ".json" else "")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def estimated_size(model: torch.nn.Module) -> int:
@@ -247,7 +242,7 @@ class RunFolder:
             return None
 
     def write_run_id(self, run_id: str, uri: str) -> None:
-        write_json_atomic({"mlflow_run_id": run_id, "tracking_uri": uri}, self.record)
+        save_atomic({"mlflow_run_id": run_id, "tracking_uri": uri}, self.record)
 
     def repair_best(self, trusted: bool = False) -> None:
         """A kill between writing last.pt and best.pt leaves best.pt behind last.pt's best, and a truncated

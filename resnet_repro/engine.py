@@ -541,7 +541,7 @@ class Trainer:
         """A new MLflow run, or the one this config's folder names (adopted after a kill); run.json records it
         once the store has said all it must (so a store lost from then on costs no read)."""
         try:
-            closed = self._open_run(resume)
+            closed = [] if self.tracker.off else self._open_run(resume)
         except UserError:
             raise
         except Exception as err:  # MLflow raises many types; the store answered the probe seconds ago
@@ -549,15 +549,16 @@ class Trainer:
                 f"the MLflow store {self.tracker.uri} stopped answering as the run started ({one_line(err)}); "
                 "nothing was trained: run the same command again when it answers"
             ) from None
-        self.folder.write_run_id(self.tracker.run_id or "", self.tracker.uri)
-        note = f"; closed {len(closed)} run(s) left RUNNING by dead processes" if closed else ""
-        log.info(
-            "MLflow run %s (%s): see it with `%s`%s",
-            self.tracker.run_id,
-            self.info.run_name,
-            ui_command(self.tracker.uri),
-            note,
-        )
+        if not self.tracker.off:  # tracking.uri=none: no run (train.prepare said so), run.json left as it was
+            self.folder.write_run_id(self.tracker.run_id or "", self.tracker.uri)
+            note = f"; closed {len(closed)} run(s) left RUNNING by dead processes" if closed else ""
+            log.info(
+                "MLflow run %s (%s): see it with `%s`%s",
+                self.tracker.run_id,
+                self.info.run_name,
+                ui_command(self.tracker.uri),
+                note,
+            )
         if resume.path is not None and resume.action == "warm":
             log.info("warm-started from %s", resume.path)
         elif resume.path is not None:

@@ -116,7 +116,7 @@ class TrainerSchema:
 
 @dataclass
 class TrackingSchema:
-    uri: str | None = None
+    uri: str | None = None  # null: sqlite:///<launch dir>/mlflow.db; none: no tracking (tracking.uri.uri_problem)
     experiment: str = "resnet_repro"
     log_checkpoint: bool = False
     log_model: bool = False

@@ -82,6 +82,8 @@ def _sweep_run(config: DictConfig) -> Any:
     sweep_dir = str(config.hydra.sweep.dir)
     try:
         tracker = Tracker(config.tracking.uri, str(config.tracking.experiment))
+        if tracker.off:  # tracking.uri=none: no run for the sweep either
+            return None
         tags = provenance_tags(run_type="sweep", sweep=sweep_dir, hydra_overrides=" ".join(config.hydra.overrides.task))
         tracker.start(f"sweep {'/'.join(Path(sweep_dir).parts[-2:])}", tags)
         standard.write_sweep_parent(sweep_dir, str(tracker.run_id), tracker.uri, tracker.experiment)

@@ -182,6 +182,8 @@ def record(
     from resnet_repro.tracking import standard, ui_command
     from resnet_repro.tracking.run import flat_params
 
+    if tracker.off:  # tracking.uri=none
+        return
     tags = _tags(cfg, source, loaded, device, num_test, verified)
     trained_in = tags["source_run_id"] and tracker.name_of(tags["source_run_id"])
     if trained_in:

@@ -25,7 +25,7 @@ from resnet_repro.engine import RunInfo, Trainer, already_training, rival_run, s
 from resnet_repro.errors import RunFailed, UserError, exit_with, one_line
 from resnet_repro.faults import crash_point
 from resnet_repro.sweep import write_summary
-from resnet_repro.tracking import Tracker, resolve_uri, ui_command
+from resnet_repro.tracking import Tracker, resolve_uri, tracking_off, ui_command
 
 log = logging.getLogger("resnet_repro")
 
@@ -105,6 +105,13 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     return train(plain, info)
 
 
+TRACKING_OFF = (
+    "tracking.uri=none: nothing is tracked (no MLflow run), and what reads the store is skipped: "
+    "trainer.skip_finished, the check for another start of this config, continuing a killed run's MLflow run; "
+    "the checkpoint folder's lock is the only guard against a second start"
+)
+
+
 def prepare(cfg: dict[str, Any], info: RunInfo, folder: Path) -> str | dict[str, Any]:
     """Rank 0, before anything is built: the store answers and takes what an earlier run of this folder kept
     for it, the data is there, nobody else trains this config on it; its fingerprint, or when this config
@@ -112,6 +119,8 @@ def prepare(cfg: dict[str, Any], info: RunInfo, folder: Path) -> str | dict[str,
     tracking = cfg["tracking"]
     tracker = Tracker(tracking["uri"], tracking["experiment"])
     tracker.probe()
+    if tracker.off:
+        log.info(TRACKING_OFF)
     if left := tracker.deliver_pending(folder):
         log.warning("the MLflow store still misses %d writes of an earlier run; they stay kept in %s", left, folder)
     ensure_present(cfg["dataset"])
@@ -175,10 +184,9 @@ def next_steps(folder: checkpoint.RunFolder, cfg: dict[str, Any]) -> str:
     kept = {"last+best": folder.best, "last": folder.last}.get(str(cfg["trainer"]["checkpoints"]))
     path = _shown(kept) if kept is not None and kept.is_file() else None
     steps = [("test it", f"python -m resnet_repro.test checkpoint={path}")] if path else []
-    steps += [
-        ("curves", "python -m resnet_repro.report"),
-        ("MLflow UI", ui_command(resolve_uri(cfg["tracking"]["uri"]))),
-    ]
+    uri = cfg["tracking"]["uri"]
+    if not tracking_off(uri):  # the report and the UI read the MLflow store
+        steps += [("curves", "python -m resnet_repro.report"), ("MLflow UI", ui_command(resolve_uri(uri)))]
     head = f"best checkpoint: {path}" if path else "no checkpoint kept (trainer.checkpoints=none)"
     lines = [f"{'next:' if i == 0 else '':<6}{what:<11}{command}" for i, (what, command) in enumerate(steps)]
     return "\n".join([head, *lines])

@@ -40,7 +40,7 @@ SETTINGS = (
         "v1c/v1d (Pillow) and RSB (RandAugment) rows stay on the CPU pipeline",
     ),
     ("trainer.num_workers=auto", "loader processes per training process (a run waiting > 10% for data says so)"),
-    ("tracking.uri=URI", "MLflow store (default sqlite:///<launch dir>/mlflow.db)"),
+    ("tracking.uri=URI", "MLflow store (default sqlite:///<launch dir>/mlflow.db); none: no tracking, no MLflow"),
     ("tracking.log_model=true", "also log the final model as an MLflow model, to serve it"),
 )
 EXAMPLES = (

@@ -12,9 +12,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,6 +45,21 @@ def write_cifar10(root: Path, n_train: int = 60, n_test: int = 20, seed: int = 0
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": names, "num_cases_per_batch": 10000, "num_vis": 3072}, f)
     return root
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """`model` in eval mode with every tensor random (BN statistics included; integer ones 7), so that a tensor
+    mapped or loaded wrongly shows in the output."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if name.endswith("running_var") else torch.randn_like(t) * 0.2)
+            else:
+                t.fill_(7)
+    return model.eval()
 
 
 @pytest.fixture

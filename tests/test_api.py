@@ -15,7 +15,7 @@ from PIL import Image
 from resnet_repro import get_model, inference_model
 from resnet_repro.errors import UserError
 from resnet_repro.rows import get_row
-from tests.conftest import mlflow_runs, run_cli
+from tests.conftest import mlflow_runs, randomise, run_cli
 from tests.test_convert import mmpretrain_state_dict
 
 ROW = "resnet18_8xb16_cifar10"
@@ -28,15 +28,6 @@ def hub_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "_hub_dir", str(folder))
     return folder
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand_like(t) + 0.5 if name.endswith("running_var") else torch.randn_like(t) * 0.2)
-    return model.eval()
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -14,6 +14,7 @@ import torch
 from resnet_repro import convert
 from resnet_repro.errors import UserError
 from resnet_repro.models import build_model
+from tests.conftest import randomise
 
 STEM_FLAGS = {
     "v1b": {},
@@ -78,16 +79,7 @@ def mmpretrain_state_dict(model: torch.nn.Module, depth: int, stem: str) -> dict
 
 
 def randomised(depth: int, stem: str, num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
-    """A model whose every tensor (BN statistics included) is random, so a wrong mapping shows in the output."""
-    torch.manual_seed(seed)
-    model = build_model(depth, num_classes, **STEM_FLAGS[stem])
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand_like(t) + 0.5 if name.endswith("running_var") else torch.randn_like(t) * 0.2)
-            else:
-                t.fill_(7)
-    return model.eval()
+    return randomise(build_model(depth, num_classes, **STEM_FLAGS[stem]), seed)
 
 
 def save_mm(model: torch.nn.Module, depth: int, stem: str, path: Path, **extra: torch.Tensor) -> Path:

@@ -84,6 +84,16 @@ def test_every_stage_option_has_help():
         assert actions and all(a.help for a in actions), module.__name__
 
 
+def test_the_epoch_stage_runs_without_mlflow(tmp_path, monkeypatch):
+    """A bare GPU machine has no MLflow: the epoch stage trains with tracking.uri=none, and imports none."""
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # any import of MLflow now fails
+    write_image_folder(tmp_path / "jpeg", 10, 1, 32, ("train", "test"))
+    results = tmp_path / "results.jsonl"
+    epoch.main(["--device", "cpu", "--tiny", "--data", str(tmp_path / "jpeg"), "--json", str(results)])
+    lines = [json.loads(t) for t in results.read_text().splitlines()]
+    assert next(line for line in lines if line["case"] == "epoch 1")["status"] == "ok", lines
+
+
 @pytest.mark.slow
 def test_the_check_runs_every_stage_on_cpu(tmp_path):
     """`bash benchmarks/gpu_check.sh --device cpu --tiny`: each stage writes its JSON lines and its table."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -431,6 +432,19 @@ def test_runs_left_running_by_dead_processes_are_closed_and_stale_temporaries_re
     assert run_cli([*R, *train_args(tmp_path)], cwd=tmp_path).returncode == 0
     assert Tracker(f"sqlite:///{tmp_path}/mlflow.db", "resnet_repro").status(orphan) == "KILLED"
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    record = tmp_path / "run.json"
+    checkpoint.save_atomic({"mlflow_run_id": "r1"}, record)
+    with pytest.raises(TypeError):
+        checkpoint.save_atomic({"mlflow_run_id": object()}, record)  # not JSON: fails half-way
+    assert json.loads(record.read_text()) == {"mlflow_run_id": "r1"} and [*tmp_path.iterdir()] == [record]
+
+
+def test_an_atomic_write_creates_its_folder(tmp_path: Path) -> None:
+    checkpoint.save_atomic({"mlflow_run_id": "r1"}, tmp_path / "a" / "b" / "run.json")
+    assert json.loads((tmp_path / "a" / "b" / "run.json").read_text()) == {"mlflow_run_id": "r1"}
 
 
 def test_a_cifar_archive_that_wants_code_run_is_refused(tmp_path: Path, tiny_cifar: Path) -> None:

@@ -240,7 +240,7 @@ def test_seeds_give_mean_std_n_the_difference_verdict_and_cost(store: dict[str, 
     assert cells["Device-hours"] == f"1.50 (1× {H100}, 2× {H100})"
     assert (cells["Params (M)"], cells["Flops (G)"]) == ("11.17", "0.56")  # from the runs' metrics
     assert cells["Curves"] == f"[curves](curves/{ROW}.png)"
-    config = os.path.relpath(report.REPO_ROOT / "conf" / "row" / f"{ROW}.yaml", store["work"] / "results")
+    config = os.path.relpath(render.REPO_ROOT / "conf" / "row" / f"{ROW}.yaml", store["work"] / "results")
     assert cells["Config"] == f"[config]({Path(config).as_posix()})"
     assert "Top-5 (%)" not in cells  # the seed's CIFAR-10 table has no Top-5
     counted, others = md.split("that do not count:")
@@ -379,7 +379,7 @@ def test_report_from_any_directory_writes_curves_and_no_readme(
     store: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    repo_readme = report.REPO_ROOT / "README.md"
+    repo_readme = render.REPO_ROOT / "README.md"
     before = repo_readme.stat().st_mtime_ns if repo_readme.is_file() else None
     code, stdout = _report(["--tracking-uri", store["uri"], "--experiment", EXPERIMENT])
     assert code == 0 and "README: not updated" in stdout

@@ -28,6 +28,11 @@ def sweep_jobs(name: str, extra: list[str]) -> list[list[str]]:
     return expand_sweep([f"{k}={v}" for k, v in params.items()] + extra)
 
 
+def test_the_sweep_group_is_the_sweeps_folder() -> None:
+    """One source: Hydra's `sweep` group is a link to sweeps/, the folder the README names."""
+    assert (REPO / "conf" / "sweep").resolve() == (REPO / "sweeps").resolve()
+
+
 @pytest.mark.parametrize("name", group_options("sweep"))
 def test_every_job_of_a_sweep_is_a_table_row(name: str) -> None:
     extra = ["row=resnet18_8xb16_cifar10"] if name == "cifar10_seeds" else []

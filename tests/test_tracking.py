@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 from pathlib import Path
 
 from resnet_repro.tracking import Tracker, default_uri, resolve_uri
+from tests.conftest import run_cli
 
 
 def _job(uri: str, i: int) -> str:
@@ -38,3 +40,16 @@ def test_default_store_is_an_absolute_sqlite_file(tmp_path: Path, monkeypatch) -
     assert resolve_uri(None) == default_uri()
     assert resolve_uri("sqlite:///rel/m.db") == f"sqlite:///{tmp_path.resolve()}/rel/m.db"
     assert resolve_uri("http://host:5000") == "http://host:5000"
+
+
+def test_a_run_with_tracking_off_never_imports_mlflow(tmp_path: Path) -> None:
+    """tracking.uri=none: the run ends 0, says once that the store's checks are skipped, and neither imports
+    MLflow (-X importtime lists every module the process imported) nor writes a store."""
+    args = ["model=resnet18", "dataset=demo", "trainer.device=cpu", "tracking.uri=none", "+smoke=on"]
+    args += [f"trainer.checkpoint_root={tmp_path}/ckpt", "trainer.num_workers=0"]
+    done = run_cli(args, cwd=tmp_path, launcher=[sys.executable, "-X", "importtime", "-m", "resnet_repro"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and not {name for name in imported if name.split(".")[0] == "mlflow"}
+    assert (done.stdout + done.stderr).count("tracking.uri=none: nothing is tracked") == 1
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()

@@ -7,7 +7,6 @@ the curves (curves, with mmpretrain's published logs: published) and the README 
 """
 
 from resnet_repro.report.cli import main
-from resnet_repro.report.render import REPO_ROOT
 from resnet_repro.report.select import exclusion
 
-__all__ = ["REPO_ROOT", "exclusion", "main"]
+__all__ = ["exclusion", "main"]

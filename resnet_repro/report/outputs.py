@@ -17,8 +17,11 @@ def changes(path: Path, data: bytes) -> bool:
     return not (path.is_file() and path.read_bytes() == data)
 
 
-def write_if_changed(path: Path, data: bytes) -> bool:
-    """Write only when the bytes differ, so an unchanged store leaves every file (and its mtime) alone."""
+def write_if_changed(path: Path, data: bytes, what: str = "", flag: str = "--out") -> bool:
+    """Write only when the bytes differ, so an unchanged store leaves every file (and its mtime) alone.
+
+    A failure is a one-line UserError naming `what` was written (default: the path) and the `flag` that moves it.
+    """
     if not changes(path, data):
         return False
     try:
@@ -26,7 +29,8 @@ def write_if_changed(path: Path, data: bytes) -> bool:
         path.write_bytes(data)
     except OSError as err:
         raise UserError(
-            f"cannot write {path} ({err.strerror or err}); give a folder this process can write with --out"
+            f"cannot write {what or path} ({err.strerror or err}: {err.filename or path}); give a folder this "
+            f"process can write with {flag}"
         ) from None
     return True
 

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from resnet_repro.errors import UserError
+from resnet_repro.report.outputs import write_if_changed
 from resnet_repro.rows import all_rows
 
 SCHEMA = 1
@@ -135,16 +136,7 @@ def dumps(record: Mapping[str, Any]) -> str:
 
 def write(record: Mapping[str, Any], root: Path) -> Path:
     path = root / relative_path(record)
-    text = dumps(record).encode()
-    if not (path.is_file() and path.read_bytes() == text):  # an unchanged record keeps its mtime
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(text)
-        except OSError as err:
-            raise UserError(
-                f"cannot write run records to {root} ({err.strerror or err}: {err.filename or path}); give a "
-                "folder this process can write with --runs"
-            ) from None
+    write_if_changed(path, dumps(record).encode(), what=f"run records to {root}", flag="--runs")
     return path
 
 

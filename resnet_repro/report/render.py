@@ -14,6 +14,7 @@ import pandas as pd
 
 from resnet_repro.report import markdown, select
 from resnet_repro.report.markdown import DASH, fmt, fmt_diff
+from resnet_repro.report.published import log_url
 from resnet_repro.rows import SECTIONS, Row, all_rows, rows_by_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -122,8 +123,7 @@ def _pretrain(row: Row, notes: list[str]) -> str:
 
 
 def _download(row: Row) -> str:
-    log = row.checkpoint_url.rsplit(".", 1)[0] + ".json"  # the training log sits beside the checkpoint
-    return f"[model]({row.checkpoint_url}) \\| [log]({log})"
+    return f"[model]({row.checkpoint_url}) \\| [log]({log_url(row)})"
 
 
 # ---- the section table ------------------------------------------------------------------------

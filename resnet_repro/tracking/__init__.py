@@ -2,18 +2,7 @@
 `store` (reading runs back for the report)."""
 
 from resnet_repro.tracking.run import Tracker
-from resnet_repro.tracking.store import metric_history, read_runs, run_page, store_missing
-from resnet_repro.tracking.uri import default_uri, resolve_uri, retrying, sqlite_path, ui_command
+from resnet_repro.tracking.store import read_runs
+from resnet_repro.tracking.uri import default_uri, resolve_uri, tracking_off, ui_command
 
-__all__ = [
-    "Tracker",
-    "default_uri",
-    "metric_history",
-    "read_runs",
-    "resolve_uri",
-    "retrying",
-    "run_page",
-    "sqlite_path",
-    "store_missing",
-    "ui_command",
-]
+__all__ = ["Tracker", "default_uri", "read_runs", "resolve_uri", "tracking_off", "ui_command"]

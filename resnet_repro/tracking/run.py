@@ -40,16 +40,26 @@ from typing import Any
 from resnet_repro.errors import UserError
 from resnet_repro.tracking import standard
 from resnet_repro.tracking.outbox import PENDING_FILE, GuardedClient, Outbox, deliver
-from resnet_repro.tracking.uri import PROBE_ENV, mlflow_environ, mlflow_quiet, resolve_uri, retrying, sqlite_path
+from resnet_repro.tracking.uri import (
+    PROBE_ENV,
+    mlflow_environ,
+    mlflow_quiet,
+    resolve_uri,
+    retrying,
+    sqlite_path,
+    tracking_off,
+)
 
 FINISHED = "FINISHED"
 
 
 class Tracker:
-    """One MLflow run of one job. On ranks other than 0 every method does nothing, without importing MLflow."""
+    """One MLflow run of one job. On ranks other than 0 every method does nothing, without importing MLflow; with
+    tracking.uri=none (`off`) neither, and the store's readers find nothing (no run, no rival, no history)."""
 
     def __init__(self, uri: str | None, experiment: str, enabled: bool = True) -> None:
-        self.uri, self.experiment, self.enabled = resolve_uri(uri), experiment, enabled
+        self.uri, self.experiment, self.off = resolve_uri(uri), experiment, tracking_off(uri)
+        self.enabled = enabled and not self.off
         self.run_id: str | None = None
         self.claimed_at: float = float("inf")  # when this process took its run up (ms), for rival starts
         self._client: Any = None
@@ -84,6 +94,8 @@ class Tracker:
     def probe(self) -> None:
         """Check the store answers and takes a write (a few seconds at most), so that a store that only reads
         fails now, not at the first metric; a UserError naming tracking.uri otherwise."""
+        if self.off:
+            return
         try:
             with mlflow_environ(PROBE_ENV):  # not after minutes of MLflow's retries
                 self.client.search_experiments(max_results=1)
@@ -121,6 +133,8 @@ class Tracker:
 
     @retrying
     def search(self, filter_string: str = "", max_results: int = 5000) -> list[Any]:
+        if self.off:
+            return []
         return list(self.client.search_runs([self.experiment_id()], filter_string, max_results=max_results))
 
     def find_finished(self, config_hash: str, fingerprint: str | None = None) -> str | None:
@@ -134,6 +148,8 @@ class Tracker:
     @retrying
     def status(self, run_id: str) -> str | None:
         """The run's status, None when this store has no such run (or it was deleted: it is never written again)."""
+        if self.off:
+            return None
         try:
             info = self.client.get_run(run_id).info
             return None if info.lifecycle_stage == "deleted" else info.status
@@ -341,6 +357,8 @@ class Tracker:
 
     @retrying
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        if self.off:
+            return []
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
     def backfill(self, history: Mapping[int, Mapping[str, float]]) -> None:

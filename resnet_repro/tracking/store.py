@@ -172,16 +172,3 @@ def _artifact_text(client: Any, run_id: str, path: str) -> str | None:
         except Exception:  # absent (evaluation runs, older trainers) or its artifact store is gone: no text
             return None
         return Path(local).read_text(encoding="utf-8")
-
-
-def metric_history(uri: str | None, run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) of one metric of one run, in step order."""
-    return _history(_client(resolve_uri(uri)), run_id, key)
-
-
-def run_page(uri: str | None, experiment_id: str, run_id: str) -> str | None:
-    """The run's page in an MLflow server's UI; None for a local store (no page to link to)."""
-    uri = resolve_uri(uri)
-    if not uri.startswith(("http://", "https://")):
-        return None
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

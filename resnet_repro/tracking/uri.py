@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 T = TypeVar("T")
 MAX_WAIT_S = 120.0
 SQLITE = "sqlite:///"
+NO_TRACKING = "none"  # tracking.uri=none: no store; nothing is tracked and MLflow is never imported
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -26,23 +27,31 @@ def default_uri() -> str:
     return f"{SQLITE}{Path.cwd().resolve() / 'mlflow.db'}"
 
 
+def tracking_off(uri: str | None) -> bool:
+    return isinstance(uri, str) and uri.lower() == NO_TRACKING
+
+
 def resolve_uri(uri: str | None) -> str:
     """None -> the default store; a relative sqlite path -> absolute, so every job writes to one file."""
     if not uri:
         return default_uri()
+    if tracking_off(uri):
+        return NO_TRACKING
     db = sqlite_path(uri)
     return f"{SQLITE}{db}" if db is not None else uri
 
 
 # the URI schemes MLflow has tracking stores for (its registry, plus SQLAlchemy dialects like postgresql+psycopg2)
 SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
-URI_FORMS = "sqlite:///<file in an existing folder>, file:<folder>, http(s)://<server>:<port>"
+URI_FORMS = "sqlite:///<file in an existing folder>, file:<folder>, http(s)://<server>:<port>, none (no tracking)"
 
 
 def uri_problem(uri: str | None) -> str | None:
     """What is wrong with the form of a tracking URI, without opening it; None when it may name a store.
     (MLflow would create the folders of a SQLite path that does not exist: a typo would start a new store.)"""
     uri = resolve_uri(uri)
+    if uri == NO_TRACKING:
+        return None
     scheme = urlparse(uri).scheme.split("+")[0].lower()
     if scheme not in SCHEMES:
         return f"has no MLflow store scheme ({scheme!r})"
