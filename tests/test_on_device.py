@@ -251,11 +251,11 @@ def test_array_dataset_is_copied_as_n3hw() -> None:
     rng = np.random.default_rng(5)
     nchw = rng.integers(0, 256, size=(30, 3, 32, 32), dtype=np.uint8)
     dataset = ArrayDataset(nchw.transpose(0, 2, 3, 1), rng.integers(0, 10, 30), [str(i) for i in range(10)])
-    dataset.verified = True  # torchvision's CIFAR arrays are such a transposed view
+    # torchvision's CIFAR arrays are such a transposed view
     split = DeviceSplit.from_dataset(dataset, "cpu")
     assert torch.equal(split.images, torch.from_numpy(nchw)) and split.images.is_contiguous()
     assert torch.equal(split.labels, torch.from_numpy(dataset.labels))
-    assert split.classes == dataset.classes and split.verified is True
+    assert split.classes == dataset.classes
     assert estimate_nbytes(dataset) == split.nbytes == 30 * 3 * 32 * 32 + 30 * 8
 
 

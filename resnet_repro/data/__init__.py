@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from resnet_repro.data import device_decode, on_device
-from resnet_repro.data.datasets import ArrayDataset, DataError, build_dataset, check_classes, check_readable
+from resnet_repro.data.datasets import ArrayDataset, DataError, Source, check_classes, check_readable, data_source
 from resnet_repro.data.resume import ResumableSampler
 from resnet_repro.data.samplers import GlobalBatchSampler, RepeatAugSampler, ShardSampler, spread
 from resnet_repro.data.transforms import Pipeline, build_pipeline
@@ -84,10 +84,15 @@ class DataBundle:
     classes: list[str]
     num_train: int
     num_val: int  # samples evaluated (all ranks together)
-    verified: bool | None  # CIFAR archives: md5 of the official release matched
+    source: Source
     on_device: bool
     val_limited: bool
     decode: str = "cpu"  # where JPEGs are decoded and augmented: cpu (loader workers) | device (device_decode)
+
+    @property
+    def verified(self) -> bool | None:
+        """CIFAR archives: the official release's md5s matched (read when asked: rank 0, as its run opens)."""
+        return self.source.verified()
 
 
 def resolve_workers(setting: int | str, processes: int) -> int:
@@ -102,10 +107,8 @@ def build_data(
 ) -> DataBundle:
     """The run's loaders: `batch` images per device and step; every check that the data allows, done now."""
     ds, recipe, tr = cfg["dataset"], cfg["recipe"], cfg["trainer"]
-    train_set, test_set = build_dataset(ds, "train"), build_dataset(ds, "test")
-    for split, data in (("train", train_set), ("test", test_set)):
-        if len(data) == 0:  # type: ignore[arg-type]
-            raise DataError(f"the {split} split of dataset={ds['name']} is empty (root: {ds['root']})")
+    source = data_source(ds)
+    train_set, test_set = source.load("train"), source.load("test")
     classes = check_classes(train_set, test_set, ds)
     keep = spread(len(test_set), None if tr["limit_val_batches"] is None else tr["limit_val_batches"] * batch)
     seed, gpus, repeats = int(cfg["seed"]), int(recipe["gpus"]), int(recipe["sampler"]["repeats"])
@@ -131,7 +134,7 @@ def build_data(
         classes=classes,
         num_train=len(train_set),  # type: ignore[arg-type]
         num_val=len(keep) if keep is not None else len(test_set),  # type: ignore[arg-type]
-        verified=getattr(train_set, "verified", None),
+        source=source,
         on_device=isinstance(train, on_device.DeviceTrainLoader),
         val_limited=keep is not None,
         decode="device" if isinstance(train, device_decode.DecodeLoader) else "cpu",
@@ -208,7 +211,7 @@ def build_eval_loader(
     cfg: Mapping[str, Any], batch: int, workers: int, *, world: int = 1, rank: int = 0, pin: bool = False
 ) -> DataLoader:
     """The test split with the recipe's test pipeline, every sample once over all ranks, in order."""
-    test_set = build_dataset(cfg["dataset"], "test")
+    test_set = data_source(cfg["dataset"]).load("test")
     check_readable(test_set)
     sampler = ShardSampler(len(test_set), world, rank)  # type: ignore[arg-type]
     return _eval_loader(test_set, cfg["recipe"], batch, workers, sampler, pin)

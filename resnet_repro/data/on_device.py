@@ -160,9 +160,7 @@ class DeviceSplit:
     ) -> DeviceSplit:
         """Copy an ArrayDataset's arrays, or decode any (H x W x 3 uint8, label) dataset once with a DataLoader."""
         if isinstance(dataset, ArrayDataset):
-            return cls.from_arrays(
-                dataset.images, dataset.labels, device, dataset.classes, getattr(dataset, "verified", None)
-            )
+            return cls.from_arrays(dataset.images, dataset.labels, device, dataset.classes)
         return _decode(dataset, torch.device(device), num_workers, decode_batch)
 
     @classmethod
