@@ -119,7 +119,7 @@ def run(argv: Sequence[str]) -> dict[str, float]:
     from resnet_repro.config import to_plain, validate
     from resnet_repro.convert import apply_checkpoint
     from resnet_repro.data import build_eval_loader, resolve_workers
-    from resnet_repro.data.datasets import ensure_present
+    from resnet_repro.data.datasets import data_source, ensure_present
     from resnet_repro.data.preprocess import Preprocessor
     from resnet_repro.evaluation import topk_accuracy
     from resnet_repro.models import build_model_from_cfg
@@ -152,7 +152,7 @@ def run(argv: Sequence[str]) -> dict[str, float]:
         f"({num_test} images, {elapsed:.1f} s, checkpoint {source})",
         flush=True,
     )
-    verified = getattr(loader.dataset.base, "verified", None)
+    verified = data_source(plain["dataset"]).verified()
     record(tracker, cfg, plain, source, loaded, device, num_test, verified, {**metrics, "eval_time_s": elapsed})
     return metrics
 

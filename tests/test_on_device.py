@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -10,7 +11,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from resnet_repro.data import GlobalBatchSampler, ShardSampler, seeded
+from resnet_repro.data import GlobalBatchSampler, ShardSampler, on_device, seeded
 from resnet_repro.data import transforms as T
 from resnet_repro.data.datasets import ArrayDataset, DataError, image_folder
 from resnet_repro.data.on_device import (
@@ -18,23 +19,41 @@ from resnet_repro.data.on_device import (
     DeviceEvalLoader,
     DeviceSplit,
     DeviceTrainLoader,
-    crop_flip,
-    device_pipelines_supported,
+    device_augment,
     draw_crop_flip,
     estimate_nbytes,
     seeds_to_uint64,
     splitmix64,
+    to_device,
 )
+from resnet_repro.errors import one_line
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_PIPELINE = [{"type": "random_crop", "size": 32, "padding": 4}, {"type": "hflip", "p": 0.5}]
-CIFAR = DeviceAugment.from_pipeline(CIFAR_PIPELINE)
+CIFAR = device_augment(CIFAR_PIPELINE, [], 32)
 
 
-def random_split(n: int, seed: int = 0, hw: int = 32) -> DeviceSplit:
+def random_data(n: int, seed: int = 0, hw: int = 32) -> ArrayDataset:
     rng = np.random.default_rng(seed)
     images = rng.integers(1, 256, size=(n, hw, hw, 3), dtype=np.uint8)  # no zeros: padding is visible
-    return DeviceSplit.from_arrays(images, rng.integers(0, 10, size=n), "cpu")
+    return ArrayDataset(images, rng.integers(0, 10, size=n), [str(i) for i in range(10)])
+
+
+def by_hand(
+    images: np.ndarray,
+    index: Sequence[int],
+    dy: Sequence[int],
+    dx: Sequence[int],
+    flip: Sequence[bool],
+    size: int = 32,
+    padding: int = 4,
+) -> torch.Tensor:
+    """images[index] (N x H x W x 3) zero-padded, cropped at (dy, dx) and flipped, as N x 3 x size x size."""
+    out = []
+    for i, y, x, f in zip(index, dy, dx, flip, strict=True):
+        crop = np.pad(images[i], ((padding, padding), (padding, padding), (0, 0)))[y : y + size, x : x + size]
+        out.append((crop[:, ::-1] if f else crop).transpose(2, 0, 1))
+    return torch.from_numpy(np.ascontiguousarray(np.stack(out)))
 
 
 def coded_image(hw: int = 32) -> np.ndarray:
@@ -130,30 +149,32 @@ def test_draw_frequencies_match_the_cpu_pipeline() -> None:
 
 
 def test_crop_flip_equals_the_cpu_pipeline_for_given_offsets(monkeypatch: pytest.MonkeyPatch) -> None:
-    split = random_split(3, seed=1)
+    data = random_data(3, seed=1)
     combos = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)]
-    index = torch.arange(len(combos)) % 3
-    dy, dx, flip = (torch.tensor(column) for column in zip(*combos, strict=True))
-    out = crop_flip(split.images, index, dy, dx, flip, 32, 4).numpy().transpose(0, 2, 3, 1)
+    index = [b % 3 for b in range(len(combos))]
+    draws = tuple(np.array(column) for column in zip(*combos, strict=True))
+    monkeypatch.setattr(on_device, "draw_crop_flip", lambda *args: draws)  # the loader crops where told
+    pairs = [(i, 0) for i in index]  # any (index, seed) stream is a sampler
+    (out, _), *rest = DeviceTrainLoader(to_device(data, "cpu", padding=4), pairs, len(pairs), CIFAR)
+    out = out.numpy().transpose(0, 2, 3, 1)
+    assert not rest and out.shape == (len(combos), 32, 32, 3)
 
     for b, (y, x, f) in enumerate(combos):
-        img = split.images[index[b]].numpy().transpose(1, 2, 0)
-        by_hand = np.pad(img, ((4, 4), (4, 4), (0, 0)))[y : y + 32, x : x + 32]
-        by_hand = by_hand[:, ::-1] if f else by_hand
-        draws = iter((y, x))
-        monkeypatch.setattr(T, "_randint", lambda high, draws=draws: next(draws))
+        img = data.images[index[b]]
+        hand = np.pad(img, ((4, 4), (4, 4), (0, 0)))[y : y + 32, x : x + 32]
+        hand = hand[:, ::-1] if f else hand
+        cpu_draws = iter((y, x))
+        monkeypatch.setattr(T, "_randint", lambda high, cpu_draws=cpu_draws: next(cpu_draws))
         cpu = T.Pipeline([T.RandomCrop(32, padding=4), T.HFlip(p=1.0 if f else 0.0)])(img).numpy()
-        assert np.array_equal(out[b], by_hand), (y, x, f)
+        assert np.array_equal(out[b], hand), (y, x, f)
         assert np.array_equal(out[b], cpu.transpose(1, 2, 0)), (y, x, f)
 
 
 def test_hflip_only_and_empty_pipelines() -> None:
-    split = random_split(20, seed=2)
+    split = to_device(random_data(20, seed=2), "cpu")
     sampler = GlobalBatchSampler(20, 8, 1, 0, seed=0)
-    plain = [b for b, _ in DeviceTrainLoader(split, sampler, 8, DeviceAugment.from_pipeline([]))]
-    flipped = [
-        b for b, _ in DeviceTrainLoader(split, sampler, 8, DeviceAugment.from_pipeline([{"type": "hflip", "p": 1}]))
-    ]
+    plain = [b for b, _ in DeviceTrainLoader(split, sampler, 8, device_augment([], []))]
+    flipped = [b for b, _ in DeviceTrainLoader(split, sampler, 8, device_augment([{"type": "hflip", "p": 1}], []))]
     order = torch.tensor([i for i, _ in sampler])
     assert torch.equal(torch.cat(plain), split.images[order])
     assert torch.equal(torch.cat(flipped), split.images[order].flip(-1))
@@ -161,17 +182,17 @@ def test_hflip_only_and_empty_pipelines() -> None:
 
 def test_small_images_crop_without_flip() -> None:
     """The demo's geometry: 16 x 16 digits, random_crop 16 after 2 px of zeros, no flip."""
-    split = random_split(300, seed=6, hw=16)
-    augment = DeviceAugment.from_pipeline([{"type": "random_crop", "size": 16, "padding": 2}])
-    loader = DeviceTrainLoader(split, GlobalBatchSampler(300, 64, 1, 0, seed=1), 64, augment)
+    data = random_data(300, seed=6, hw=16)
+    augment = device_augment([{"type": "random_crop", "size": 16, "padding": 2}], [], 16)
+    loader = DeviceTrainLoader(
+        to_device(data, "cpu", padding=2), GlobalBatchSampler(300, 64, 1, 0, seed=1), 64, augment
+    )
     images = torch.cat([b for b, _ in loader])
     pairs = list(loader.sampler)
     dy, dx, flip = draw_crop_flip(seeds_to_uint64(s for _, s in pairs), 4, 4, 0.0)
     assert not flip.any() and set(dy) == set(dx) == set(range(5))
-    for b, (i, _) in enumerate(pairs[:40]):
-        img = split.images[i].numpy().transpose(1, 2, 0)
-        by_hand = np.pad(img, ((2, 2), (2, 2), (0, 0)))[dy[b] : dy[b] + 16, dx[b] : dx[b] + 16]
-        assert np.array_equal(images[b].numpy().transpose(1, 2, 0), by_hand)
+    index = [i for i, _ in pairs]
+    assert torch.equal(images, by_hand(data.images, index, dy, dx, flip, size=16, padding=2))
 
 
 # ---- the train loader: world size, batch position and resumption do not change a sample's augmentation --------
@@ -179,13 +200,14 @@ def test_small_images_crop_without_flip() -> None:
 
 def test_train_augmentation_independent_of_world_size_and_resume() -> None:
     n, global_batch, seed = 100, 16, 5  # 2 GPUs x 8; 100 / 16: a partial last step, 2 x 2
-    split = random_split(n, seed=3)
+    data = random_data(n, seed=3)
+    split = to_device(data, "cpu", padding=4)
     one = DeviceTrainLoader(split, GlobalBatchSampler(n, global_batch, 1, 0, seed, gpus=2), global_batch, CIFAR)
     two = [
         DeviceTrainLoader(split, GlobalBatchSampler(n, global_batch, 2, r, seed, gpus=2), global_batch // 2, CIFAR)
         for r in (0, 1)
     ]
-    assert len(one) == 7 and one.num_samples == 100 and len(one.dataset) == 100
+    assert len(one) == 7 and len(one.sampler) == 100 and len(one.dataset) == 100
     assert [len(loader) for loader in two] == [7, 7]
 
     per_epoch = {}
@@ -201,11 +223,11 @@ def test_train_augmentation_independent_of_world_size_and_resume() -> None:
         # each sample's crop and flip are the draws of its own seed
         one.sampler.set_epoch(epoch)
         pairs = list(one.sampler)
-        index = torch.tensor([i for i, _ in pairs])
-        dy, dx, flip = (torch.from_numpy(a) for a in draw_crop_flip(seeds_to_uint64(s for _, s in pairs), 8, 8, 0.5))
-        assert torch.equal(torch.cat([b[0] for b in single]), crop_flip(split.images, index, dy, dx, flip, 32, 4))
-        assert torch.equal(torch.cat([b[1] for b in single]), split.labels[index])
-        per_epoch[epoch] = dict(zip(index.tolist(), torch.cat([b[0] for b in single]), strict=True))
+        index = [i for i, _ in pairs]
+        dy, dx, flip = draw_crop_flip(seeds_to_uint64(s for _, s in pairs), 8, 8, 0.5)
+        assert torch.equal(torch.cat([b[0] for b in single]), by_hand(data.images, index, dy, dx, flip))
+        assert torch.equal(torch.cat([b[1] for b in single]), torch.from_numpy(data.labels[index]))
+        per_epoch[epoch] = dict(zip(index, torch.cat([b[0] for b in single]), strict=True))
 
         # a resumed epoch: new loaders, set_epoch, the same images
         fresh = DeviceTrainLoader(split, GlobalBatchSampler(n, global_batch, 1, 0, seed, gpus=2), global_batch, CIFAR)
@@ -217,7 +239,7 @@ def test_train_augmentation_independent_of_world_size_and_resume() -> None:
 
 
 def test_train_loader_refuses_a_sampler_without_seeds() -> None:
-    split = random_split(10)
+    split = to_device(random_data(10), "cpu", padding=4)
     with pytest.raises(TypeError, match="index, seed"):
         list(DeviceTrainLoader(split, ShardSampler(10, 1, 0), 4, CIFAR))
 
@@ -226,17 +248,17 @@ def test_train_loader_refuses_a_sampler_without_seeds() -> None:
 
 
 def test_eval_loader_returns_each_index_once_in_order() -> None:
-    split = random_split(37, seed=4)
+    split = to_device(random_data(37, seed=4), "cpu")
     loader = DeviceEvalLoader(split, range(37), 8)
     batches = list(loader)
-    assert len(loader) == len(batches) == 5 and loader.num_samples == 37 and len(loader.dataset) == 37
+    assert len(loader) == len(batches) == 5 and len(loader.dataset) == 37
     assert [len(b[0]) for b in batches] == [8, 8, 8, 8, 5]
     assert torch.equal(torch.cat([b[0] for b in batches]), split.images)
     assert torch.equal(torch.cat([b[1] for b in batches]), split.labels)
 
     shard = ShardSampler(37, 3, 1)
     loader = DeviceEvalLoader(split, shard, 5)
-    assert loader.num_samples == len(shard) == 12 and len(loader) == 3 and len(loader.dataset) == 37
+    assert len(shard) == 12 and len(loader) == 3 and len(loader.dataset) == 37
     idx = torch.tensor(list(shard))
     assert torch.equal(torch.cat([b[0] for b in loader]), split.images[idx])
     assert torch.equal(torch.cat([b[1] for b in loader]), split.labels[idx])
@@ -247,16 +269,26 @@ def test_eval_loader_returns_each_index_once_in_order() -> None:
 # ---- putting a split on the device -----------------------------------------------------------------------------
 
 
-def test_array_dataset_is_copied_as_n3hw() -> None:
+def nbytes(split: DeviceSplit) -> int:
+    return split.images.nbytes + split.labels.nbytes
+
+
+def test_array_dataset_is_copied_as_n3hw_and_padded_with_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(on_device, "COPY_BYTES", 7 * 32 * 32 * 3)  # copies of 7 images: 5 chunks
     rng = np.random.default_rng(5)
-    nchw = rng.integers(0, 256, size=(30, 3, 32, 32), dtype=np.uint8)
+    nchw = rng.integers(1, 256, size=(30, 3, 32, 32), dtype=np.uint8)
+    # torchvision's CIFAR arrays are such a transposed view
     dataset = ArrayDataset(nchw.transpose(0, 2, 3, 1), rng.integers(0, 10, 30), [str(i) for i in range(10)])
-    dataset.verified = True  # torchvision's CIFAR arrays are such a transposed view
-    split = DeviceSplit.from_dataset(dataset, "cpu")
+    split = to_device(dataset, "cpu")
     assert torch.equal(split.images, torch.from_numpy(nchw)) and split.images.is_contiguous()
     assert torch.equal(split.labels, torch.from_numpy(dataset.labels))
-    assert split.classes == dataset.classes and split.verified is True
-    assert estimate_nbytes(dataset) == split.nbytes == 30 * 3 * 32 * 32 + 30 * 8
+    assert estimate_nbytes(dataset) == nbytes(split) == 30 * 3 * 32 * 32 + 30 * 8
+
+    padded = to_device(dataset, "cpu", padding=4)  # what cv2.copyMakeBorder's constant 0 gives, image by image
+    cv2_padded = [cv2.copyMakeBorder(image, 4, 4, 4, 4, cv2.BORDER_CONSTANT, value=0) for image in dataset.images]
+    assert torch.equal(padded.images, torch.from_numpy(np.stack(cv2_padded).transpose(0, 3, 1, 2)))
+    assert padded.images.is_contiguous() and padded.padding == 4 and len(padded) == 30
+    assert estimate_nbytes(dataset, padding=4) == nbytes(padded) == 30 * 3 * 40 * 40 + 30 * 8
 
 
 def write_images(folder: Path, n: int, seed: int = 0) -> None:
@@ -267,23 +299,35 @@ def write_images(folder: Path, n: int, seed: int = 0) -> None:
         cv2.imwrite(str(folder / f"class{i % 3}" / f"{i:03d}{ext}"), rng.integers(0, 256, (32, 32, 3), np.uint8))
 
 
-def test_decoding_an_image_folder_equals_file_dataset(tmp_path: Path) -> None:
+def test_decoding_an_image_folder_equals_file_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(on_device, "DECODE_BATCH", 16)  # 4 batches over 2 workers
     write_images(tmp_path, 50)
     dataset = image_folder(tmp_path)
-    split = DeviceSplit.from_dataset(dataset, "cpu", num_workers=2, decode_batch=16)
+    split = to_device(dataset, "cpu", workers=2)
     expected = np.stack([dataset[i][0] for i in range(len(dataset))]).transpose(0, 3, 1, 2)
     assert torch.equal(split.images, torch.from_numpy(expected))
-    assert torch.equal(split.labels, torch.from_numpy(dataset.labels))
-    assert split.classes == ["class0", "class1", "class2"] and len(split) == 50
-    assert estimate_nbytes(dataset) == split.nbytes
+    assert torch.equal(split.labels, torch.from_numpy(dataset.labels)) and len(split) == 50
+    assert estimate_nbytes(dataset) == nbytes(split)
 
 
-def test_decoding_refuses_images_of_another_size(tmp_path: Path) -> None:
+def test_decoding_refuses_images_of_another_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_images(tmp_path, 10)
     odd = tmp_path / "class1" / "zzz.png"
     cv2.imwrite(str(odd), np.zeros((40, 32, 3), np.uint8))
+    monkeypatch.setattr(on_device, "DECODE_BATCH", 4)  # the odd one in another batch than the first image
     with pytest.raises(DataError, match=r"zzz\.png .*40x32x3"):
-        DeviceSplit.from_dataset(image_folder(tmp_path), "cpu", decode_batch=4)
+        to_device(image_folder(tmp_path), "cpu")
+
+
+def test_a_corrupt_image_is_named_in_one_line(tmp_path: Path) -> None:
+    write_images(tmp_path, 10)
+    bad = tmp_path / "class2" / "005.png"
+    bad.write_bytes(b"not an image")
+    # in the main process: torch keeps an errored worker 5 s when its loader is garbage-collected (a cycle
+    # through the re-raised error); from a worker, errors.one_line reads the same line out of its traceback
+    with pytest.raises(DataError) as err:
+        to_device(image_folder(tmp_path), "cpu", workers=0)
+    assert one_line(err.value) == f"cannot decode image {bad} (corrupt or not an image); remove or replace it"
 
 
 # ---- which recipes qualify -------------------------------------------------------------------------------------
@@ -303,16 +347,18 @@ def test_only_crop_and_flip_pipelines_are_supported() -> None:
     for name, recipe in recipes.items():
         train, test = recipe.train_pipeline, recipe.test_pipeline
         if name.startswith("cifar") or name == "demo":
-            assert device_pipelines_supported(train, test, image_size=sizes.get(name, 32)), name
-            assert not device_pipelines_supported(train, test, image_size=sizes.get(name, 32) * 2), name
+            assert device_augment(train, test, image_size=sizes.get(name, 32)) is not None, name
+            assert device_augment(train, test, image_size=sizes.get(name, 32) * 2) is None, name
         else:  # ImageNet, RSB, CUB: resizes, random-resized crops, RandAugment, test pipelines
-            assert not device_pipelines_supported(train, test), name
+            assert device_augment(train, test) is None, name
 
     crop, flip = CIFAR_PIPELINE
-    assert device_pipelines_supported([crop, flip], [])
-    assert device_pipelines_supported([crop], []) and device_pipelines_supported([flip], [])
-    assert device_pipelines_supported([], [])
-    assert device_pipelines_supported([{"type": "random_crop", "size": 32, "padding": 0}], [], image_size=32)
+    assert device_augment([crop, flip], []) == DeviceAugment(32, 4, 0.5) == CIFAR
+    assert device_augment([crop], []) == DeviceAugment(32, 4, 0.0)
+    assert device_augment([flip], []) == DeviceAugment(None, 0, 0.5)
+    assert device_augment([{"type": "hflip"}], []) == DeviceAugment(None, 0, 0.5)  # transforms.HFlip's default p
+    assert device_augment([], []) == DeviceAugment()
+    assert device_augment([{"type": "random_crop", "size": 32, "padding": 0}], [], image_size=32) is not None
     refused = [
         ([crop, flip], [{"type": "center_crop", "size": 32}], None),  # a test pipeline
         ([crop, flip], [], 28),  # crop size is not the image size
@@ -324,4 +370,4 @@ def test_only_crop_and_flip_pipelines_are_supported() -> None:
         ([{"type": "resize", "size": [36, 36]}, crop], [], None),
     ]
     for train, test, size in refused:
-        assert not device_pipelines_supported(train, test, image_size=size), (train, test, size)
+        assert device_augment(train, test, image_size=size) is None, (train, test, size)

@@ -4,6 +4,7 @@ awkward moments, two identical commands at once, NaN losses, failing sweep jobs,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -451,16 +452,38 @@ def test_a_cifar_archive_that_wants_code_run_is_refused(tmp_path: Path, tiny_cif
     """The CIFAR archives are pickles too: they are read as plain data (dicts, lists, NumPy arrays) only."""
     import pickle
 
-    from resnet_repro.data.datasets import DataError, cifar
+    from resnet_repro.data.datasets import DataError, data_source
 
-    ds = {"name": "cifar10", "root": str(tiny_cifar), "download": False}
-    assert len(cifar(ds, train=False)) == 20 and cifar(ds, train=True).images.shape == (60, 32, 32, 3)
+    source = data_source({"name": "cifar10", "format": "pickle", "root": str(tiny_cifar), "download": False})
+    assert len(source.load("test")) == 20 and source.load("train").images.shape == (60, 32, 32, 3)
     marker = tmp_path / "MARKER"
     with open(tiny_cifar / "cifar-10-batches-py" / "test_batch", "wb") as f:
         pickle.dump({"data": Hostile(marker), "labels": []}, f)
     with pytest.raises(DataError, match="refused"):
-        cifar(ds, train=False)
+        source.load("test")
     assert not marker.exists()
+
+
+def test_the_cifar_md5s_are_read_once_per_process_and_decide_verified(
+    tiny_cifar: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the splits (every rank) computes no md5; the fingerprint (rank 0, before the run) and the
+    data_verified tag (rank 0, as it opens) share one pass; an archive changed since is read again."""
+    from resnet_repro.data import datasets
+
+    cfg = {"name": "cifar10", "format": "pickle", "root": str(tiny_cifar)}
+    source, folder = datasets.data_source(cfg), tiny_cifar / "cifar-10-batches-py"
+    read, md5 = [], datasets.calculate_md5
+    monkeypatch.setattr(datasets, "calculate_md5", lambda path: read.append(path) or md5(path))
+    datasets._md5.cache_clear()
+    assert len(source.load("train")) == 60 and len(source.load("test")) == 20 and read == []  # every rank reads
+    first = datasets.fingerprint(cfg)
+    assert source.verified() is False and len(read) == 7  # 5 train batches, the test batch, the meta file
+    release = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name, _ in source.files}
+    monkeypatch.setattr(source, "files", list(release.items()))  # as if these were the official files
+    assert source.verified() is True and datasets.fingerprint(cfg) == first and len(read) == 7
+    (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes() + b"\0")
+    assert source.verified() is False and datasets.fingerprint(cfg) != first and len(read) == 8
 
 
 # ---- stuck states (issue 20): each says what it does, and the obvious command works -----------------

@@ -139,7 +139,9 @@ def test_the_test_command_downloads_what_the_checkpoints_row_needs(
     root = tmp_path / "cifar10"
     argv = [f"checkpoint={tmp_path / 'best.pt'}", f"dataset.root={root}", "dataset.download=true"]
     metrics = test_command.run([*argv, "trainer.num_workers=0", "trainer.device=cpu", f"tracking.uri={store}"])
-    assert fetched == [datasets.CIFAR["cifar10"].url] and (root / "cifar-10-batches-py" / "test_batch").is_file()
+    assert (
+        fetched == [datasets.CIFAR_RELEASES["cifar10"].url] and (root / "cifar-10-batches-py" / "test_batch").is_file()
+    )
     (run,) = mlflow_runs(tmp_path)
     assert run.data.tags["row"] == "resnet18_8xb16_cifar10" and run.data.params["dataset.root"] == str(root)
     assert run.data.metrics["test_top1"] == metrics["test_top1"]

@@ -22,13 +22,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from resnet_repro.data import device_decode, on_device
-from resnet_repro.data.datasets import ArrayDataset, DataError, build_dataset, check_classes, check_readable
+from resnet_repro.data.datasets import ArrayDataset, DataError, Source, check_classes, check_readable, data_source
 from resnet_repro.data.resume import ResumableSampler
 from resnet_repro.data.samplers import GlobalBatchSampler, RepeatAugSampler, ShardSampler, spread
 from resnet_repro.data.transforms import Pipeline, build_pipeline
 
 __all__ = ["DataBundle", "DataError", "GlobalBatchSampler", "ShardSampler", "build_data", "build_eval_loader", "seeded"]
-ON_DEVICE_MAX_BYTES = 2 << 30  # a split held on the device: CIFAR's 50,000 images are 154 MB
+ON_DEVICE_MAX_BYTES = 2 << 30  # the splits held on the device: CIFAR's, padded, take 271 MB
 
 
 class TransformedDataset(Dataset):
@@ -84,10 +84,15 @@ class DataBundle:
     classes: list[str]
     num_train: int
     num_val: int  # samples evaluated (all ranks together)
-    verified: bool | None  # CIFAR archives: md5 of the official release matched
+    source: Source
     on_device: bool
     val_limited: bool
     decode: str = "cpu"  # where JPEGs are decoded and augmented: cpu (loader workers) | device (device_decode)
+
+    @property
+    def verified(self) -> bool | None:
+        """CIFAR archives: the official release's md5s matched (read when asked: rank 0, as its run opens)."""
+        return self.source.verified()
 
 
 def resolve_workers(setting: int | str, processes: int) -> int:
@@ -102,20 +107,19 @@ def build_data(
 ) -> DataBundle:
     """The run's loaders: `batch` images per device and step; every check that the data allows, done now."""
     ds, recipe, tr = cfg["dataset"], cfg["recipe"], cfg["trainer"]
-    train_set, test_set = build_dataset(ds, "train"), build_dataset(ds, "test")
-    for split, data in (("train", train_set), ("test", test_set)):
-        if len(data) == 0:  # type: ignore[arg-type]
-            raise DataError(f"the {split} split of dataset={ds['name']} is empty (root: {ds['root']})")
+    source = data_source(ds)
+    train_set, test_set = source.load("train"), source.load("test")
     classes = check_classes(train_set, test_set, ds)
     keep = spread(len(test_set), None if tr["limit_val_batches"] is None else tr["limit_val_batches"] * batch)
     seed, gpus, repeats = int(cfg["seed"]), int(recipe["gpus"]), int(recipe["sampler"]["repeats"])
     sampler = ResumableSampler(build_train_sampler(train_set, repeats, batch * world, world, rank, seed, gpus=gpus))
     shard = ShardSampler(len(test_set), world, rank, keep)  # type: ignore[arg-type]
-    if _keep_on_device(cfg, train_set, test_set, device):  # decoded once: a corrupt image is found now
-        augment = on_device.DeviceAugment.from_pipeline(recipe["train_pipeline"])
-        on = on_device.DeviceSplit.from_dataset
-        train: Any = on_device.DeviceTrainLoader(on(train_set, device, num_workers=workers), sampler, batch, augment)
-        val: Any = on_device.DeviceEvalLoader(on(test_set, device, num_workers=workers), shard.indices, batch)
+    augment = _on_device_augment(cfg, train_set, test_set, device)
+    if augment is not None:  # copied or decoded once: a corrupt image is found now
+        train_split = on_device.to_device(train_set, device, augment.padding, workers)  # type: ignore[arg-type]
+        test_split = on_device.to_device(test_set, device, workers=workers)  # type: ignore[arg-type]
+        train: Any = on_device.DeviceTrainLoader(train_split, sampler, batch, augment)
+        val: Any = on_device.DeviceEvalLoader(test_split, shard.indices, batch)
     elif device_decode.resolve(cfg, device):
         check_readable(test_set)
         train, val = _decode_loaders(cfg, train_set, test_set, sampler, shard, batch, workers, device)
@@ -131,8 +135,8 @@ def build_data(
         classes=classes,
         num_train=len(train_set),  # type: ignore[arg-type]
         num_val=len(keep) if keep is not None else len(test_set),  # type: ignore[arg-type]
-        verified=getattr(train_set, "verified", None),
-        on_device=isinstance(train, on_device.DeviceTrainLoader),
+        source=source,
+        on_device=augment is not None,
         val_limited=keep is not None,
         decode="device" if isinstance(train, device_decode.DecodeLoader) else "cpu",
     )
@@ -156,23 +160,26 @@ def _decode_loaders(
     return loader(train_data, sampler, batch, workers, device), loader(test_data, shard, batch, workers, device)
 
 
-def _keep_on_device(cfg: Mapping[str, Any], train: Dataset, test: Dataset, device: torch.device) -> bool:
-    """trainer.data_on_device: true, false, or auto = the pipelines allow it, the splits fit, and either they
+def _on_device_augment(
+    cfg: Mapping[str, Any], train: Dataset, test: Dataset, device: torch.device
+) -> on_device.DeviceAugment | None:
+    """The train pipeline as the device runs it when the splits are held there, else None (the CPU loader).
+    trainer.data_on_device: true, false, or auto = the pipelines allow it, the splits fit, and either they
     are in memory already (CIFAR archives, demo) or the device is a GPU worth decoding an image folder for."""
     setting, recipe = cfg["trainer"]["data_on_device"], cfg["recipe"]
     size = int(cfg["dataset"]["input_size"])
-    supported = on_device.device_pipelines_supported(recipe["train_pipeline"], recipe["test_pipeline"], size)
-    supported = supported and int(recipe["sampler"]["repeats"]) == 1
-    if setting is True and not supported:
+    augment = on_device.device_augment(recipe["train_pipeline"], recipe["test_pipeline"], size)
+    augment = augment if int(recipe["sampler"]["repeats"]) == 1 else None
+    if setting is True and augment is None:
         raise DataError(
             "trainer.data_on_device=true, but only a padded crop and a flip run on the device; "
             "allowed for this recipe: false, auto"
         )
-    if setting is not True and (setting is False or not supported):
-        return False
-    nbytes = on_device.estimate_nbytes(train) + on_device.estimate_nbytes(test)
-    in_memory = isinstance(train, ArrayDataset)
-    return setting is True or (nbytes <= ON_DEVICE_MAX_BYTES and (in_memory or device.type == "cuda"))
+    if setting is False or augment is None:
+        return None
+    nbytes = on_device.estimate_nbytes(train, augment.padding) + on_device.estimate_nbytes(test)
+    fits = nbytes <= ON_DEVICE_MAX_BYTES and (isinstance(train, ArrayDataset) or device.type == "cuda")
+    return augment if setting is True or fits else None
 
 
 def _loader(dataset: Dataset, sampler: Sampler[Any], batch: int, workers: int, pin: bool) -> DataLoader:
@@ -208,7 +215,7 @@ def build_eval_loader(
     cfg: Mapping[str, Any], batch: int, workers: int, *, world: int = 1, rank: int = 0, pin: bool = False
 ) -> DataLoader:
     """The test split with the recipe's test pipeline, every sample once over all ranks, in order."""
-    test_set = build_dataset(cfg["dataset"], "test")
+    test_set = data_source(cfg["dataset"]).load("test")
     check_readable(test_set)
     sampler = ShardSampler(len(test_set), world, rank)  # type: ignore[arg-type]
     return _eval_loader(test_set, cfg["recipe"], batch, workers, sampler, pin)

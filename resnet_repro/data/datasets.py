@@ -1,14 +1,18 @@
 """Datasets as (uint8 HxWx3 RGB array, label) pairs: CIFAR archives, image folders, CUB, offline digits.
 
-Images are decoded with OpenCV, as mmpretrain does, and handed to the recipe's pipeline untouched.
+Each `dataset.format` is one source (SOURCES): whether its files are there, what dataset.download fetches,
+how a split is read and what the data fingerprint hashes. Images are decoded with OpenCV, as mmpretrain does,
+and handed to the recipe's pipeline untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +74,10 @@ class FileDataset(Dataset):
 
 def image_folder(folder: Path) -> FileDataset:
     """`folder/<class>/<image>`: torchvision's class discovery (sorted names) and file listing."""
-    if not folder.is_dir():
-        raise DataError(f"no folder {folder}; expected {folder}/<class>/<image> (an ImageFolder layout)")
     try:
         classes, class_to_idx = find_classes(str(folder))
         samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
-    except (FileNotFoundError, RuntimeError) as err:
+    except (OSError, RuntimeError) as err:
         raise DataError(f"{folder}: {err}") from None
     return FileDataset(samples, classes)
 
@@ -98,147 +100,19 @@ def _unpickle(path: Path) -> dict[str, Any]:
         raise DataError(f"{path} is not a CIFAR python archive file ({err}); refused") from None
 
 
-class _OfficialCIFAR10(torchvision.datasets.CIFAR10):
-    """The official python-format archives, by torchvision's file list, read as plain data.
-
-    Any copy in that format loads (torchvision refuses files whose md5 differs from the release, so a
-    hand-made set could not); the md5 only decides `verified`, recorded with each run.
-    """
-
-    @classmethod
-    def present(cls, root: str | Path) -> bool:
-        return all((Path(root) / cls.base_folder / name).is_file() for name, _ in cls.train_list + cls.test_list)
-
-    @classmethod
-    def read(cls, root: str | Path, train: bool) -> ArrayDataset:
-        folder = Path(root) / cls.base_folder
-        entries = [_unpickle(folder / name) for name, _ in (cls.train_list if train else cls.test_list)]
-        images = np.vstack([e["data"] for e in entries]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        labels = [label for e in entries for label in (e["labels"] if "labels" in e else e["fine_labels"])]
-        out = ArrayDataset(images, labels, _unpickle(folder / cls.meta["filename"])[cls.meta["key"]])
-        out.verified = all(ours == official for ours, official in cls.md5s(root).values())
-        return out
-
-    @classmethod
-    def md5s(cls, root: str | Path) -> dict[str, tuple[str, str]]:
-        """Each archive member: (its md5, the official release's md5)."""
-        files = cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])]
-        return {name: (calculate_md5(str(Path(root) / cls.base_folder / name)), md5) for name, md5 in files}
+@functools.cache
+def _md5(path: str, size: int, mtime_ns: int) -> str:
+    return calculate_md5(path)
 
 
-class _OfficialCIFAR100(_OfficialCIFAR10, torchvision.datasets.CIFAR100):
-    pass
+def md5_of(path: Path) -> str:
+    """A file's md5, computed once per process while its size and time stay: the data fingerprint (rank 0,
+    before the run) and the `data_verified` tag (rank 0, as the run opens) read the same archives."""
+    stat = path.stat()
+    return _md5(str(path), stat.st_size, stat.st_mtime_ns)
 
 
-CIFAR = {"cifar10": _OfficialCIFAR10, "cifar100": _OfficialCIFAR100}
-CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
-CUB_MD5 = "97eceeb196236b17998738112f37df78"
-CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
-
-
-def ensure_present(cfg: Mapping[str, Any]) -> None:
-    """Download what dataset.download allows and is missing; a DataError naming what to do otherwise.
-
-    A failed download removes the folders it created, so a failed run leaves no empty data/ behind.
-    """
-    fmt, root = cfg["format"], Path(str(cfg["root"]))
-    if fmt == "imagefolder":
-        for split in (cfg["train_split"], cfg["test_split"]):
-            if not (root / split).is_dir():
-                raise DataError(
-                    f"no folder {root / split}; expected {root / split}/<class>/<image> (an ImageFolder layout)"
-                )
-    if fmt not in ("pickle", "cub"):
-        return
-    present = CIFAR[cfg["name"]].present(root) if fmt == "pickle" else all((root / n).is_file() for n in CUB_FILES)
-    if present:
-        return
-    if not cfg["download"]:
-        raise DataError(f"no {cfg['name']} data in {root}; set dataset.download=true, or set dataset.root")
-    url = CIFAR[cfg["name"]].url if fmt == "pickle" else CUB_URL
-    created = [p for p in (root, *root.parents) if not p.exists()]
-    # torchvision's address and md5 of the release (read later as plain data); our downloader, as torchvision's
-    # has no timeout (resnet_repro.download says why)
-    archive, into, md5 = (
-        (root / CIFAR[cfg["name"]].filename, root, CIFAR[cfg["name"]].tgz_md5)
-        if fmt == "pickle"
-        else (root.parent / Path(CUB_URL).name, root.parent, CUB_MD5)
-    )
-    try:
-        fetch(url, archive, checksum=("md5", md5))
-        extract_archive(str(archive), str(into))
-    except (DownloadError, OSError, RuntimeError) as err:  # no network, a refused, partial or corrupt download
-        for folder in created:  # deepest first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        why = err.reason if isinstance(err, DownloadError) else err
-        raise DataError(
-            f"could not download {cfg['name']} into {root} ({why}); download {url}, extract it there, "
-            f"or set dataset.root"
-        ) from None
-
-
-def cifar(cfg: Mapping[str, Any], train: bool) -> ArrayDataset:
-    cls, root = CIFAR[cfg["name"]], Path(str(cfg["root"]))
-    if not cls.present(root):
-        raise DataError(
-            f"no {cfg['name']} python archives in {root / cls.base_folder}; set dataset.download=true, extract "
-            f"{cls.filename} into {root}, or use dataset.format=imagefolder"
-        )
-    return cls.read(root, train)
-
-
-def cub(cfg: Mapping[str, Any], train: bool) -> FileDataset:
-    """CUB-200-2011 with its official split (images.txt, image_class_labels.txt, train_test_split.txt)."""
-    root = Path(cfg["root"])
-    missing = [name for name in CUB_FILES if not (root / name).is_file()]
-    if missing:
-        raise DataError(
-            f"{root} is not a CUB_200_2011 folder (missing {', '.join(missing)}); set dataset.root "
-            f"or dataset.download=true"
-        )
-
-    def table(name: str) -> dict[str, str]:
-        return dict(line.split(maxsplit=1) for line in (root / name).read_text().splitlines() if line.strip())
-
-    paths, labels, is_train = table("images.txt"), table("image_class_labels.txt"), table("train_test_split.txt")
-    samples = [(str(root / "images" / paths[i]), int(labels[i]) - 1) for i in paths if (is_train[i] == "1") == train]
-    classes_file = root / "classes.txt"
-    if classes_file.is_file():
-        classes = [line.split(maxsplit=1)[1] for line in classes_file.read_text().splitlines() if line.strip()]
-    else:
-        classes = [str(i) for i in range(int(cfg["num_classes"]))]
-    return FileDataset(samples, classes)
-
-
-def digits(train: bool, size: int = 32) -> ArrayDataset:
-    """scikit-learn's bundled handwritten digits (8x8, 0-16) as size x size RGB; every fifth image is test."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    keep = (np.arange(len(bunch.target)) % 5 == 4) != train
-    scans = (bunch.images[keep] * (255.0 / 16.0)).astype(np.float32)
-    big = np.stack([cv2.resize(s, (size, size), interpolation=cv2.INTER_LINEAR) for s in scans])
-    gray = np.clip(np.rint(big), 0, 255).astype(np.uint8)
-    return ArrayDataset(np.repeat(gray[..., None], 3, axis=-1), bunch.target[keep], [str(d) for d in range(10)])
-
-
-def build_dataset(cfg: Mapping[str, Any], split: str) -> Dataset:
-    """The `split` ("train" or "test") of the dataset config (conf/dataset/*.yaml)."""
-    train = split == "train"
-    fmt = cfg["format"]
-    if fmt == "digits":
-        return digits(train, int(cfg["input_size"]))
-    if fmt == "pickle":
-        return cifar(cfg, train)
-    if fmt == "cub":
-        return cub(cfg, train)
-    if fmt == "imagefolder":
-        return image_folder(Path(cfg["root"]) / cfg["train_split" if train else "test_split"])
-    raise DataError(f"dataset.format={fmt} is not a format; allowed: pickle, imagefolder, cub, digits")
-
-
-# ---- checks and identity of the data, before the first step -----------------------------------------
+# ---- checks of the data, before the first step -----------------------------------------
 def check_classes(train: Dataset, test: Dataset, cfg: Mapping[str, Any]) -> list[str]:
     """The class list, when train and test agree with each other and with dataset.num_classes."""
     ours, theirs, wanted = list(getattr(train, "classes", [])), list(getattr(test, "classes", [])), cfg["num_classes"]
@@ -278,23 +152,201 @@ def check_readable(dataset: Dataset, workers: int = 8) -> None:
         raise DataError(f"cannot decode image {broken} (corrupt or not an image); remove or replace it")
 
 
-def fingerprint(cfg: Mapping[str, Any]) -> str:
-    """What was read, as a short hash: the archives' md5s, or the sorted relative paths and sizes of the files."""
-    import hashlib
+# ---- one source per dataset.format ------------------------------------------------------------------------
+class Source:
+    """The data of a dataset config (conf/dataset/*.yaml). A format says whether its files are there
+    (`missing`), reads a split (`read`) and says what identifies the data (`identity`); one that
+    dataset.download can fetch names its `archive`, extracted into `into`."""
 
-    fmt, root = cfg["format"], Path(str(cfg["root"]))
-    digest = hashlib.sha256(f"{cfg['name']}:{fmt}".encode())
-    if fmt == "digits":
-        for split in (True, False):
-            digest.update(digits(split, int(cfg["input_size"])).images.tobytes())
-    elif fmt == "pickle":
-        for name, (md5, _) in sorted(CIFAR[cfg["name"]].md5s(root).items()):
-            digest.update(f"{name}:{md5};".encode())
-    else:
-        folders = [root / "images"] if fmt == "cub" else [root / cfg["train_split"], root / cfg["test_split"]]
-        for folder in folders:
-            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-                digest.update(f"{path.relative_to(root)}:{path.stat().st_size};".encode())
-        for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt") if fmt == "cub" else ():
-            digest.update((root / name).read_bytes())
+    archive: tuple[str, str] | None = None  # (url, md5)
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.cfg, self.root = cfg, Path(str(cfg["root"]))
+        self.into = self.root
+
+    def missing(self) -> str | None:
+        """Why the data is not there, as the one line to stop on; None when it is."""
+        return None
+
+    def read(self, train: bool) -> Dataset:
+        """The train or the test split (`load` checks that the data is there first)."""
+        raise NotImplementedError
+
+    def identity(self) -> Iterator[bytes]:
+        """What the data fingerprint hashes."""
+        raise NotImplementedError
+
+    def verified(self) -> bool | None:
+        """Whether the files are the official release's (by md5); None where there is none to check against."""
+        return None
+
+    def load(self, split: str) -> Dataset:
+        """The `split` ("train" or "test"), there and not empty."""
+        if why := self.missing():
+            raise DataError(why)
+        data = self.read(split == "train")
+        if len(data) == 0:  # type: ignore[arg-type]
+            raise DataError(f"the {split} split of dataset={self.cfg['name']} is empty (root: {self.root})")
+        return data
+
+    def download(self, url: str, md5: str) -> None:
+        """Fetch and extract the archive with our downloader (torchvision's has no timeout: resnet_repro.download
+        says why). A failed download removes the folders it created: a failed run leaves no empty data/ behind."""
+        created = [p for p in (self.root, *self.root.parents) if not p.exists()]
+        try:
+            extract_archive(str(fetch(url, self.into / Path(url).name, checksum=("md5", md5))), str(self.into))
+        except (DownloadError, OSError, RuntimeError) as err:  # no network, a refused, partial or corrupt download
+            for folder in created:  # deepest first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            why = err.reason if isinstance(err, DownloadError) else err
+            raise DataError(
+                f"could not download {self.cfg['name']} into {self.root} ({why}); download {url}, extract it "
+                f"there, or set dataset.root"
+            ) from None
+
+
+CIFAR_RELEASES = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
+
+
+class CifarArchives(Source):
+    """The official python-format archives, by torchvision's file list and address, read as plain data.
+
+    Any copy in that format loads (torchvision refuses files whose md5 differs from the release, so a
+    hand-made set could not); the md5s only decide `verified`, recorded with each run.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        super().__init__(cfg)
+        if cfg["name"] not in CIFAR_RELEASES:
+            raise DataError(f"dataset.format=pickle is CIFAR's; allowed dataset.name: {', '.join(CIFAR_RELEASES)}")
+        self.release = release = CIFAR_RELEASES[cfg["name"]]
+        self.archive, self.folder = (release.url, release.tgz_md5), self.root / release.base_folder
+        self.files = [*release.train_list, *release.test_list, (release.meta["filename"], release.meta["md5"])]
+
+    def missing(self) -> str | None:
+        if all((self.folder / name).is_file() for name, _ in self.files):
+            return None
+        return (
+            f"no {self.cfg['name']} python archives in {self.folder}; set dataset.download=true, extract "
+            f"{self.release.filename} into {self.root}, set dataset.root, or use dataset.format=imagefolder"
+        )
+
+    def read(self, train: bool) -> ArrayDataset:
+        names = self.release.train_list if train else self.release.test_list
+        entries = [_unpickle(self.folder / name) for name, _ in names]
+        images = np.vstack([e["data"] for e in entries]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = [label for e in entries for label in (e["labels"] if "labels" in e else e["fine_labels"])]
+        meta = self.release.meta
+        return ArrayDataset(images, labels, _unpickle(self.folder / meta["filename"])[meta["key"]])
+
+    def identity(self) -> Iterator[bytes]:
+        return (f"{name}:{md5_of(self.folder / name)};".encode() for name in sorted(n for n, _ in self.files))
+
+    def verified(self) -> bool:
+        return all(md5_of(self.folder / name) == official for name, official in self.files)
+
+
+class ImageFolders(Source):
+    """`<root>/<train_split>/<class>/<image>` and the same for the test split: torchvision's ImageFolder layout."""
+
+    def folder(self, train: bool) -> Path:
+        return self.root / self.cfg["train_split" if train else "test_split"]
+
+    def missing(self) -> str | None:
+        absent = [folder for folder in (self.folder(True), self.folder(False)) if not folder.is_dir()]
+        return (
+            f"no folder {absent[0]}; expected {absent[0]}/<class>/<image> (an ImageFolder layout)" if absent else None
+        )
+
+    def read(self, train: bool) -> FileDataset:
+        return image_folder(self.folder(train))
+
+    def identity(self) -> Iterator[bytes]:
+        return _paths_and_sizes(self.root, [self.folder(True), self.folder(False)])
+
+
+class CubFolder(Source):
+    """CUB-200-2011 with its official split (images.txt, image_class_labels.txt, train_test_split.txt)."""
+
+    archive = (
+        "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
+        "97eceeb196236b17998738112f37df78",
+    )
+    TABLES = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        super().__init__(cfg)
+        self.into = self.root.parent  # the archive holds CUB_200_2011/
+
+    def missing(self) -> str | None:
+        absent = [name for name in self.TABLES if not (self.root / name).is_file()]
+        why = f"{self.root} is not a CUB_200_2011 folder (missing {', '.join(absent)}); set dataset.root"
+        return f"{why} or dataset.download=true" if absent else None
+
+    def read(self, train: bool) -> FileDataset:
+        paths, labels, is_train = map(self._table, self.TABLES)
+        samples = [
+            (str(self.root / "images" / paths[i]), int(labels[i]) - 1) for i in paths if (is_train[i] == "1") == train
+        ]
+        if (self.root / "classes.txt").is_file():
+            return FileDataset(samples, list(self._table("classes.txt").values()))
+        return FileDataset(samples, [str(i) for i in range(int(self.cfg["num_classes"]))])
+
+    def _table(self, name: str) -> dict[str, str]:
+        return dict(line.split(maxsplit=1) for line in (self.root / name).read_text().splitlines() if line.strip())
+
+    def identity(self) -> Iterator[bytes]:
+        yield from _paths_and_sizes(self.root, [self.root / "images"])
+        yield from ((self.root / name).read_bytes() for name in self.TABLES)
+
+
+class Digits(Source):
+    """scikit-learn's bundled handwritten digits (8x8, 0-16) as input_size x input_size RGB, every fifth image
+    for test: the offline demo, always there."""
+
+    def read(self, train: bool) -> ArrayDataset:
+        from sklearn.datasets import load_digits
+
+        bunch, size = load_digits(), int(self.cfg["input_size"])
+        keep = (np.arange(len(bunch.target)) % 5 == 4) != train
+        scans = (bunch.images[keep] * (255.0 / 16.0)).astype(np.float32)
+        big = np.stack([cv2.resize(s, (size, size), interpolation=cv2.INTER_LINEAR) for s in scans])
+        gray = np.clip(np.rint(big), 0, 255).astype(np.uint8)
+        return ArrayDataset(np.repeat(gray[..., None], 3, axis=-1), bunch.target[keep], [str(d) for d in range(10)])
+
+    def identity(self) -> Iterator[bytes]:
+        return (self.read(train).images.tobytes() for train in (True, False))
+
+
+def _paths_and_sizes(root: Path, folders: Sequence[Path]) -> Iterator[bytes]:
+    for folder in folders:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            yield f"{path.relative_to(root)}:{path.stat().st_size};".encode()
+
+
+SOURCES = {"pickle": CifarArchives, "imagefolder": ImageFolders, "cub": CubFolder, "digits": Digits}
+
+
+def data_source(cfg: Mapping[str, Any]) -> Source:
+    if cfg["format"] not in SOURCES:
+        raise DataError(f"dataset.format={cfg['format']} is not a format; allowed: {', '.join(SOURCES)}")
+    return SOURCES[cfg["format"]](cfg)
+
+
+def ensure_present(cfg: Mapping[str, Any]) -> None:
+    """Download what dataset.download allows and is missing; a DataError naming what to do otherwise."""
+    source = data_source(cfg)
+    if why := source.missing():
+        if source.archive is None or not cfg["download"]:
+            raise DataError(why)
+        source.download(*source.archive)
+
+
+def fingerprint(cfg: Mapping[str, Any]) -> str:
+    """What was read, as a short hash: the archives' md5s, the digits' pixels, or the sorted relative paths and
+    sizes of the files (and CUB's tables)."""
+    digest = hashlib.sha256(f"{cfg['name']}:{cfg['format']}".encode())
+    for part in data_source(cfg).identity():
+        digest.update(part)
     return digest.hexdigest()[:16]
