@@ -366,9 +366,6 @@ def _check_composition(cfg: DictConfig) -> None:
     if ds.name not in recipe.datasets:
         fits = ", ".join(r for r in group_options("recipe") if ds.name in _recipe_datasets(r))
         raise ConfigError(f"recipe={recipe.name} is not for dataset={ds.name}; recipes for {ds.name}: {fits}")
-    for k in recipe.eval_topk:
-        if k > ds.num_classes:
-            raise ConfigError(f"recipe.eval_topk has {k} but dataset={ds.name} has {ds.num_classes} classes")
 
 
 def _check_recipe_numbers(cfg: DictConfig) -> None:

@@ -315,7 +315,7 @@ def test_decode_device_trains_an_imagenet_folder_and_resumes_exactly(tmp_path: P
     overrides = [
         "model=resnet18",
         *[f"recipe.{k}" for k in ("train_pipeline.0.size=32", "test_pipeline.0.size=36", "test_pipeline.1.size=32")],
-        *["dataset.input_size=32", "dataset.num_classes=2", "recipe.eval_topk=[1]", "recipe.gpus=1"],
+        *["dataset.input_size=32", "dataset.num_classes=2", "recipe.gpus=1"],
         "recipe.batch_per_gpu=4",
         *["recipe.epochs=2", "trainer.decode=device", "trainer.checkpoints=last"],
         *train_args(tmp_path, data),
