@@ -324,7 +324,7 @@ def test_decode_device_trains_an_imagenet_folder_and_resumes_exactly(tmp_path: P
     validate(cfg)
 
     def trainer(folder: Path) -> Trainer:
-        folder.mkdir(exist_ok=True)  # (train.py's RunFolder.acquire makes and locks it)
+        folder.mkdir(exist_ok=True)  # (job.py's RunFolder.acquire makes and locks it)
         return Trainer(to_plain(cfg), RunInfo(row_name=cfg.row_name, config_hash=config_hash(cfg)), RunFolder(folder))
 
     whole = trainer(tmp_path / "whole")
