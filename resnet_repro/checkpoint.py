@@ -352,6 +352,19 @@ class RunFolder:
         )
 
 
+def check_resume_setting(resume: str, warm_start: bool, trusted: bool, config_hash: str) -> None:
+    """`trainer.resume` (with `trainer.warm_start`): auto, none, or a checkpoint that loads without running code
+    and, unless warm-starting from it, is this config's last.pt; a UserError otherwise."""
+    if resume not in RESUME_MODES and not Path(resume).is_file():
+        raise UserError(f"trainer.resume={resume} is not a file; allowed: auto, none, or a checkpoint path")
+    if warm_start and resume in RESUME_MODES:
+        raise UserError("trainer.warm_start=true needs trainer.resume=<checkpoint path> to start from")
+    if warm_start:
+        load(Path(resume), mmap=True, trusted=trusted)
+    elif resume not in RESUME_MODES:
+        check_resumable(Path(resume), config_hash, trusted)
+
+
 def check_resumable(path: Path, config_hash: str, trusted: bool) -> tuple[int, str | None, str | None]:
     """`trainer.resume=<path>` names a last.pt of this very config (a UserError otherwise); read_epoch's answer."""
     epoch, owner, data = read_epoch(path, trusted)

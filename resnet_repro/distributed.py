@@ -29,6 +29,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def job_world_size(nproc_per_node: int) -> int:
+    """The processes of one job: torchrun's world, else `trainer.nproc_per_node` local workers (1: this process)."""
+    return env_world_size() if under_torchrun() else int(nproc_per_node)
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -42,6 +42,7 @@ from resnet_repro.data.wait import WaitClock, input_bound_message
 from resnet_repro.errors import UserError, one_line
 from resnet_repro.evaluation import topk_accuracy
 from resnet_repro.faults import crash_point, step_point
+from resnet_repro.identity import Deviation, deviations_tag, flag
 from resnet_repro.losses import build_loss
 from resnet_repro.mixing import build_mixer
 from resnet_repro.models import build_model_from_cfg, count_flops, count_params
@@ -56,12 +57,13 @@ log = logging.getLogger("resnet_repro")
 
 @dataclass
 class RunInfo:
-    """What the job knows beyond the config: identity, provenance, where it writes."""
+    """What the job knows beyond the config: identity, its batch plan, provenance, where it writes."""
 
     row_name: str
     config_hash: str
+    plan: batches.BatchPlan  # how a step is cut over this job's processes (made once by the job: provenance.run_info)
     run_name: str = ""
-    deviations: list[str] = field(default_factory=list)
+    deviations: list[Deviation] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
     output_dir: str = "."
     log_file: str = ""
@@ -168,7 +170,7 @@ class Trainer:
         self.device = distributed.select_device(tr["device"])
         seed_everything(int(cfg["seed"]), bool(tr["deterministic"]))
         self.tf32 = set_tf32(tr["tf32"], self.device)
-        self.plan = batches.plan(cfg, self.world, self.device.type == "cuda")
+        self.plan = info.plan
         workers = resolve_workers(tr["num_workers"], distributed.local_world_size())
         self.workers = workers  # named in the input-bound advice (data.wait)
         self.data = build_data(
@@ -695,8 +697,8 @@ def run_tags(trainer: Trainer) -> dict[str, Any]:
         section=info.section,
         config_hash=info.config_hash,
         run_type="train",
-        faithful=str(not info.deviations).lower(),
-        deviations="; ".join(info.deviations),
+        faithful=flag(not info.deviations),
+        deviations=deviations_tag(info.deviations),
         sweep=info.sweep,
         hydra_overrides=" ".join(info.overrides),
         world_size=trainer.world,
@@ -704,12 +706,12 @@ def run_tags(trainer: Trainer) -> dict[str, Any]:
         device_name=distributed.device_name(trainer.device),
         output_dir=info.output_dir,
         checkpoint_dir=str(trainer.folder.path.resolve()),
-        data_verified=data.verified,
+        data_verified=flag(data.verified),
         data_fingerprint=info.data_fingerprint,
         data_on_device=on_device.DRAW_SCHEME if data.on_device else "false",
         decode=data.decode,
-        val_limited=str(data.val_limited).lower(),
-        tf32=str(trainer.tf32).lower(),
+        val_limited=flag(data.val_limited),
+        tf32=flag(trainer.tf32),
         bn_group_kernel=next((m.kernel for m in trainer.model.modules() if isinstance(m, GroupBatchNorm2d)), "none"),
     )
 

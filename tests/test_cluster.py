@@ -39,7 +39,7 @@ EPOCH_KEYS = ("train_loss", "lr", "val_top1", "val_top5")
 @pytest.fixture
 def run_here(monkeypatch: pytest.MonkeyPatch):
     """train() in this process with RESNET_REPRO_CRASH_AT=crash: its result, or the Stopped it ended with."""
-    from resnet_repro.config import compose, config_hash, to_plain
+    from resnet_repro.config import compose, config_hash, to_plain, validate
     from resnet_repro.engine import RunInfo
     from resnet_repro.job import train
 
@@ -49,7 +49,7 @@ def run_here(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv("RESNET_REPRO_CRASH_AT", crash)
         faults._fired.clear()
         cfg = compose([*DEMO, *ONE, *extra, *train_args(tmp)])
-        info = RunInfo(row_name=cfg.row_name, config_hash=config_hash(cfg), run_name="test")
+        info = RunInfo(row_name=cfg.row_name, config_hash=config_hash(cfg), plan=validate(cfg), run_name="test")
         try:
             return train(to_plain(cfg), info)
         except stopping.Stopped as stop:
@@ -239,13 +239,13 @@ def test_a_worker_group_out_of_restarts_ends_in_one_line_naming_the_dead_rank(
     """The launching side of trainer.nproc_per_node: the rank that died (not the one that lost its peer) is named,
     each restart is one line, the last failure one error line, the MLflow run FAILED with that line."""
     from resnet_repro import distributed, job
-    from resnet_repro.config import compose, config_hash, to_plain
+    from resnet_repro.config import compose, config_hash, to_plain, validate
     from resnet_repro.engine import RunInfo
     from resnet_repro.errors import RunFailed
     from resnet_repro.tracking import Tracker
 
     cfg = compose([*DEMO, *TWO, "trainer.max_restarts=1", *train_args(tmp_path)])
-    info = RunInfo(row_name=cfg.row_name, config_hash=config_hash(cfg))
+    info = RunInfo(row_name=cfg.row_name, config_hash=config_hash(cfg), plan=validate(cfg))
     plain = to_plain(cfg)
     tracker = Tracker(plain["tracking"]["uri"], "resnet_repro")
     run_id = tracker.start("killed", {"run_type": "train"})

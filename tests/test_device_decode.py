@@ -321,11 +321,11 @@ def test_decode_device_trains_an_imagenet_folder_and_resumes_exactly(tmp_path: P
         *train_args(tmp_path, data),
     ]
     cfg = compose(overrides)
-    validate(cfg)
+    info = RunInfo(row_name=cfg.row_name, config_hash=config_hash(cfg), plan=validate(cfg))
 
     def trainer(folder: Path) -> Trainer:
         folder.mkdir(exist_ok=True)  # (job.py's RunFolder.acquire makes and locks it)
-        return Trainer(to_plain(cfg), RunInfo(row_name=cfg.row_name, config_hash=config_hash(cfg)), RunFolder(folder))
+        return Trainer(to_plain(cfg), info, RunFolder(folder))
 
     whole = trainer(tmp_path / "whole")
     assert whole.data.decode == "device" and run_tags(whole)["decode"] == "device"
