@@ -21,10 +21,11 @@ from omegaconf import DictConfig
 from resnet_repro import batches, checkpoint, distributed, stopping
 from resnet_repro.config import to_plain, user_overrides
 from resnet_repro.data.datasets import ensure_present, fingerprint
-from resnet_repro.engine import RunInfo, Trainer, already_training, rival_run, summary_line
+from resnet_repro.engine import RunInfo, Trainer, summary_line
 from resnet_repro.errors import RunFailed, UserError, exit_with, marked_before_start, one_line
 from resnet_repro.faults import crash_point
 from resnet_repro.provenance import run_info
+from resnet_repro.run_books import already_training, rival_run
 from resnet_repro.sweep import write_summary
 from resnet_repro.tracking import Tracker, resolve_uri, ui_command
 

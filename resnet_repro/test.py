@@ -191,26 +191,12 @@ def log_evaluation(tracker: Any, cfg: Any, plain: Any, source: str, tags: dict[s
 
 
 def _tags(info: Any, source: str, loaded: Any, device: Any, num_test: int, verified: Any) -> dict[str, Any]:
-    """The same provenance as a training run's (tracking.run.provenance_tags), and what was tested."""
-    from resnet_repro import distributed
-    from resnet_repro.identity import deviations_tag, flag
-    from resnet_repro.tracking.run import provenance_tags
+    """The same tags as a training run's (run_books.run_tags), and what was tested."""
+    from resnet_repro.run_books import run_tags
 
-    return provenance_tags(
-        run_type="eval",
-        row=info.row_name,
-        section=info.section,
-        checkpoint=source,
-        checkpoint_format=loaded.kind,
-        source_run_id=(loaded.meta.get("mlflow_run_id") if loaded.kind == "ours" else "") or "",
-        config_hash=info.config_hash,
-        faithful=flag(not info.deviations),
-        deviations=deviations_tag(info.deviations),
-        device=str(device),
-        device_name=distributed.device_name(device),
-        num_test=num_test,
-        data_verified=flag(verified),
-    )
+    source_run_id = (loaded.meta.get("mlflow_run_id") if loaded.kind == "ours" else "") or ""
+    more = {"checkpoint": source, "checkpoint_format": loaded.kind, "source_run_id": source_run_id}
+    return run_tags(info, "eval", device, verified, **more, num_test=num_test)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -307,7 +307,8 @@ def test_decode_device_trains_an_imagenet_folder_and_resumes_exactly(tmp_path: P
     2 epochs straight vs 1 epoch, a stop, and a resume from last.pt end with equal weights and metrics."""
     from resnet_repro.checkpoint import RunFolder, load
     from resnet_repro.config import compose, config_hash, to_plain, validate
-    from resnet_repro.engine import RunInfo, Trainer, run_tags
+    from resnet_repro.engine import RunInfo, Trainer
+    from resnet_repro.run_books import train_tags
 
     data = tmp_path / "imagenet"
     write_folder(data / "train", classes=2, per_class=2, sizes=(40, 90))  # one step of 4 an epoch
@@ -328,7 +329,7 @@ def test_decode_device_trains_an_imagenet_folder_and_resumes_exactly(tmp_path: P
         return Trainer(to_plain(cfg), info, RunFolder(folder))
 
     whole = trainer(tmp_path / "whole")
-    assert whole.data.decode == "device" and run_tags(whole)["decode"] == "device"
+    assert whole.data.decode == "device" and train_tags(whole)["decode"] == "device"
     whole.fit()
     stopped = trainer(tmp_path / "broken")
     first_epoch_only = stopped._epoch
