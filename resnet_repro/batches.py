@@ -46,13 +46,14 @@ class BatchPlan:
         return batchnorm_deviation(self.bn_images, self.recipe_bn_images)
 
     def params(self) -> dict[str, int]:
-        """What the run's MLflow params say about how a step executes."""
+        """What the run's MLflow params say about how a step executes (runs before these names logged
+        `batch_micro` for batch_bn_group and `bn_group` for bn_images)."""
         return {
             "batch_global": self.global_batch,
             "batch_per_device": self.device_batch,
             "batch_forward": self.forward_batch,
-            "batch_micro": self.bn_group,
-            "bn_group": self.bn_images,
+            "batch_bn_group": self.bn_group,
+            "bn_images": self.bn_images,
             "accum_steps": self.accum_steps,
         }
 

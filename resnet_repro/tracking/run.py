@@ -14,8 +14,8 @@ What a training run records (the report reads these names):
   pid/host/claimed_at (who writes it, since when), versions; MLflow's standard ones (tracking.standard):
   mlflow.source.*, mlflow.user, and mlflow.parentRunId for a sweep's job (and an evaluation of our
   checkpoint: its training run)
-- params: the flattened composed config (recipe.epochs, ...) plus the batch plan (batch_global,
-  batch_per_device, batch_forward, batch_micro, bn_group, accum_steps), num_train, num_val,
+- params: the flattened composed config (recipe.epochs, ...) plus the batch plan (batches.BatchPlan.params:
+  batch_global, batch_per_device, batch_forward, batch_bn_group, bn_images, accum_steps), num_train, num_val,
   steps_per_epoch, num_params, flops_g (runs before these two params logged them as metrics params, flops_g)
 - metrics per epoch (step = epoch, 1-based): train_loss, lr, val_top1, val_top5 (percent),
   epoch_time_s, train_img_per_s, data_wait_frac (share of step time waiting for the next batch); every log
