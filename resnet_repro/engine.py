@@ -51,7 +51,7 @@ class RunInfo:
 
     row_name: str
     config_hash: str
-    plan: BatchPlan  # how a step is cut over this job's processes (made once by the job: provenance.run_info)
+    plan: BatchPlan  # how a step is cut over this job's processes (made once per job: job.run_job)
     run_name: str = ""
     deviations: list[Deviation] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
