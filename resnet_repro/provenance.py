@@ -21,12 +21,9 @@ NAME_WIDTH = 40  # about what MLflow's run-name column shows
 
 
 def deviations(cfg: DictConfig, plan: BatchPlan) -> list[Deviation]:
-    """How this run departs from its table row's exact recipe; [] = faithful.
-
-    Empty only for a table row composed with nothing changed but where the data lies and how the run executes
-    (identity.changes_experiment). Custom compositions deviate by definition. BatchNorm over another number of
-    images than the recipe (a changed micro_batch, or a SyncBN recipe on fewer GPUs) is the `plan`'s to say.
-    """
+    """How this run departs from its table row's exact recipe ([] = faithful): the keys that change the experiment
+    (identity.changes_experiment), a custom composition, or BatchNorm over other images than the recipe's (a changed
+    micro_batch, or a SyncBN recipe on fewer GPUs: the `plan`'s to say)."""
     row = find_row(cfg.row_name)  # the row_name resolver matched the choices (a release recipe: its table recipe)
     run = flatten(identity.identity(to_plain(cfg)))
     if row is None:

@@ -59,13 +59,14 @@ class RunBooks:
         }
         params |= {"steps_per_epoch": trainer.steps, "num_params": trainer.params, "flops_g": round(trainer.flops, 4)}
         resumed = {"resumed_at_epoch": trainer.epochs_done, "resumed_at_step": trainer.progress.step}
+        overrides = "".join(f"- {o}\n" for o in info.overrides)  # as YAML
         try:
             adopted = tracker.open(
                 info.run_name,
                 adopt=self._adoptable(resume, history),
                 tags=train_tags(trainer),
                 params=params,  # fixed facts of the run; what changes per epoch is a metric
-                texts={"config/config.yaml": info.config_yaml, "config/overrides.yaml": _as_list(info.overrides)},
+                texts={"config/config.yaml": info.config_yaml, "config/overrides.yaml": overrides},
                 resumed_tags={**resumed, "output_dir": info.output_dir},
                 system_metrics=bool(self.cfg["tracking"].get("system_metrics")),
             )
@@ -222,10 +223,6 @@ def train_tags(trainer: Trainer) -> dict[str, Any]:
         tf32=flag(trainer.tf32),
         bn_group_kernel=kernel,
     )
-
-
-def _as_list(overrides: list[str]) -> str:
-    return "\n".join(f"- {o}" for o in overrides) + "\n"
 
 
 # ---- who else trains this config ----------------------------------------------------------------------

@@ -125,6 +125,7 @@ def run(argv: Sequence[str]) -> dict[str, float]:
     from resnet_repro.models import build_model_from_cfg
     from resnet_repro.progress import Progress
     from resnet_repro.provenance import run_info
+    from resnet_repro.run_books import run_tags
     from resnet_repro.tracking import Tracker
 
     source, trusted, overrides = split_args(argv)
@@ -153,8 +154,10 @@ def run(argv: Sequence[str]) -> dict[str, float]:
         f"({num_test} images, {elapsed:.1f} s, checkpoint {source})",
         flush=True,
     )
-    verified = getattr(loader.dataset.base, "verified", None)
-    tags = _tags(info, source, loaded, device, num_test, verified)
+    verified = getattr(loader.dataset.base, "verified", None)  # the same tags as a training run's, and what was tested
+    source_run_id = (loaded.meta.get("mlflow_run_id") if loaded.kind == "ours" else "") or ""
+    tested = {"checkpoint": source, "checkpoint_format": loaded.kind, "source_run_id": source_run_id}
+    tags = run_tags(info, "eval", device, verified, **tested, num_test=num_test)
     log_evaluation(tracker, cfg, plain, source, tags, {**metrics, "eval_time_s": elapsed})
     return metrics
 
@@ -188,15 +191,6 @@ def log_evaluation(tracker: Any, cfg: Any, plain: Any, source: str, tags: dict[s
     tracker.finish("FINISHED")
     beside = f", beside training run {tags['source_run_id']}" if trained_in else ""
     print(f"MLflow run {tracker.run_id}{beside}: see it with `{ui_command(tracker.uri)}`", flush=True)
-
-
-def _tags(info: Any, source: str, loaded: Any, device: Any, num_test: int, verified: Any) -> dict[str, Any]:
-    """The same tags as a training run's (run_books.run_tags), and what was tested."""
-    from resnet_repro.run_books import run_tags
-
-    source_run_id = (loaded.meta.get("mlflow_run_id") if loaded.kind == "ours" else "") or ""
-    more = {"checkpoint": source, "checkpoint_format": loaded.kind, "source_run_id": source_run_id}
-    return run_tags(info, "eval", device, verified, **more, num_test=num_test)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
