@@ -65,10 +65,10 @@ def run(args: argparse.Namespace, rec: Recorder, deadline: Deadline) -> None:
         *args.overrides,
     ]
     cfg = compose_row(args.row, overrides)
-    validate(cfg)
+    info = RunInfo(row_name=cfg.row_name, config_hash="benchmark", plan=validate(cfg))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(to_plain(cfg), RunInfo(row_name=cfg.row_name, config_hash="benchmark"), RunFolder(Path(tmp)))
+        trainer = Trainer(to_plain(cfg), info, RunFolder(Path(tmp)))
     setup = time.perf_counter() - start
     plan, data = trainer.plan, trainer.data
     rec.write(

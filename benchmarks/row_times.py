@@ -42,6 +42,7 @@ def _timed(fn: Any, steps: int, device: torch.device) -> float:
 
 def row_time(row: str, device: str, steps: int, overrides: list[str]) -> tuple[float, float, int, int]:
     """(seconds per train step, per eval batch, epochs, images per step) of the row's step on synthetic batches."""
+    from resnet_repro.batches import plan
     from resnet_repro.checkpoint import RunFolder
     from resnet_repro.config import compose_row, to_plain
     from resnet_repro.engine import RunInfo, Trainer
@@ -49,7 +50,7 @@ def row_time(row: str, device: str, steps: int, overrides: list[str]) -> tuple[f
     overrides = ["dataset=demo", f"trainer.device={device}", "trainer.num_workers=0", *overrides]
     cfg = to_plain(compose_row(row, overrides))  # the demo's 10 classes: a 100-way head costs the same
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, RunInfo(row_name=row, config_hash="benchmark"), RunFolder(Path(tmp)))
+        trainer = Trainer(cfg, RunInfo(row_name=row, config_hash="benchmark", plan=plan(cfg, 1)), RunFolder(Path(tmp)))
     dev, batch = trainer.device, trainer.plan.device_batch
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=dev)
     labels = torch.randint(0, 10, (batch,), device=dev)

@@ -156,9 +156,9 @@ class Smoke:
         from resnet_repro.engine import RunInfo, Trainer
 
         cfg = compose_row(case.row, self.overrides(case, device, extra))
-        validate(cfg)
+        info = RunInfo(row_name=case.row, config_hash="smoke", plan=validate(cfg))
         with tempfile.TemporaryDirectory() as tmp:
-            return Trainer(to_plain(cfg), RunInfo(row_name=case.row, config_hash="smoke"), RunFolder(Path(tmp)))
+            return Trainer(to_plain(cfg), info, RunFolder(Path(tmp)))
 
     def batch(self, case: Case, trainer: Any) -> tuple[torch.Tensor, torch.Tensor]:
         px = 32 if self.tiny else case.px

@@ -115,12 +115,13 @@ DEFAULT = {
 
 
 def make_trainer(overrides: list[str], device: str, folder: Path) -> Any:
+    from resnet_repro.batches import plan
     from resnet_repro.checkpoint import RunFolder
     from resnet_repro.config import compose, to_plain
     from resnet_repro.engine import RunInfo, Trainer
 
     cfg = to_plain(compose([*overrides, f"trainer.device={device}", "trainer.num_workers=0"]))
-    return Trainer(cfg, RunInfo(row_name="benchmark", config_hash="benchmark"), RunFolder(folder))
+    return Trainer(cfg, RunInfo(row_name="benchmark", config_hash="benchmark", plan=plan(cfg, 1)), RunFolder(folder))
 
 
 def plain_step_fn(trainer: Any) -> Callable[[torch.Tensor, torch.Tensor], None]:

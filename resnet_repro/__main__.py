@@ -1,7 +1,7 @@
 """`python -m resnet_repro [group=option ...] [key=value ...]`: compose, check, train one row.
 
 The command line is checked before Hydra starts (one-line errors, every job of a sweep included);
-Hydra then composes conf/ and calls `train.run_and_summarise` once per job. Under torchrun every rank
+Hydra then composes conf/ and calls `job.run_and_summarise` once per job. Under torchrun every rank
 runs this same entry, and all ranks share rank 0's output directory.
 """
 
@@ -21,7 +21,7 @@ from resnet_repro.errors import UserError, exit_with
 def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from resnet_repro.train import run_and_summarise
+    from resnet_repro.job import run_and_summarise
 
     return run_and_summarise(cfg, multirun=str(HydraConfig.get().mode) == "RunMode.MULTIRUN")
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print(main_help())
         return
-    with stopping.handling():  # Ctrl-C or SIGTERM from here on ends in one line (train.train says where)
+    with stopping.handling():  # Ctrl-C or SIGTERM from here on ends in one line (job.train says where)
         from resnet_repro.cli import prepare_argv
 
         register_resolvers()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from resnet_repro.errors import UserError
+from resnet_repro.identity import Deviation, batchnorm_deviation
 
 
 @dataclass(frozen=True)
@@ -41,25 +42,27 @@ class BatchPlan:
         """Images behind each BN statistic in this run."""
         return self.bn_group * (self.world if self.sync_bn else 1)
 
-    def bn_deviation(self) -> str | None:
-        if self.bn_images == self.recipe_bn_images:
-            return None
-        return f"BatchNorm statistics over {self.bn_images} images (recipe: {self.recipe_bn_images})"
+    def bn_deviation(self) -> Deviation | None:
+        return batchnorm_deviation(self.bn_images, self.recipe_bn_images)
 
     def params(self) -> dict[str, int]:
-        """What the run's MLflow params say about how a step executes."""
+        """What the run's MLflow params say about how a step executes (runs before these names logged
+        `batch_micro` for batch_bn_group and `bn_group` for bn_images)."""
         return {
             "batch_global": self.global_batch,
             "batch_per_device": self.device_batch,
             "batch_forward": self.forward_batch,
-            "batch_micro": self.bn_group,
-            "bn_group": self.bn_images,
+            "batch_bn_group": self.bn_group,
+            "bn_images": self.bn_images,
             "accum_steps": self.accum_steps,
         }
 
 
-def plan(cfg: Mapping[str, Any], world: int, cuda: bool) -> BatchPlan:
-    """The plan of a composed config on `world` processes; a UserError when the batches do not split."""
+def plan(cfg: Mapping[str, Any], world: int) -> BatchPlan:
+    """The plan of a composed config on `world` processes; a UserError when the batches do not split. Made by
+    config.validate (a check before any job starts) and once by each job, whose RunInfo carries it to the engine."""
+    from resnet_repro.distributed import uses_cuda  # torch: imported where a plan is made, not by its readers
+
     recipe, trainer = cfg["recipe"], cfg["trainer"]
     gpus, per_gpu = int(recipe["gpus"]), int(recipe["batch_per_gpu"])
     total = gpus * per_gpu
@@ -89,6 +92,6 @@ def plan(cfg: Mapping[str, Any], world: int, cuda: bool) -> BatchPlan:
         device_batch=device_batch,
         forward_batch=pass_size,
         bn_group=group,
-        sync_bn=recipe_sync and world > 1 and cuda,
+        sync_bn=recipe_sync and world > 1 and uses_cuda(str(trainer["device"])),  # SyncBN: CUDA only
         recipe_bn_images=per_gpu * (gpus if recipe_sync else 1),
     )

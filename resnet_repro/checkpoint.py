@@ -6,8 +6,8 @@ Layout: <trainer.checkpoint_root>/<row>/seed<seed>-<config hash>/ holding
   next epoch done, with each rank's RNG states and loss sums at that step boundary);
 - `best.pt`: the model of the best validation top-1 with the config that built it (what `get_model` and
   `resnet_repro.test` load);
-- `run.json`: the MLflow run of this config, written when the run starts (a kill before the first
-  checkpoint resumes into the same run);
+- `run.json` (`run_link`): the MLflow run of this config, written when the run starts (a kill before the
+  first checkpoint resumes into the same run);
 - `.lock`: held (flock) by the one process training this config; the OS releases it when that process dies.
 
 Loading never runs code from the file: `torch.load(weights_only=True)` with NumPy's plain arrays and
@@ -178,7 +178,7 @@ class RunFolder:
 
     last = property(lambda self: self.path / "last.pt")
     best = property(lambda self: self.path / "best.pt")
-    record = property(lambda self: self.path / "run.json")
+    run_link = property(lambda self: self.path / "run.json")  # the folder's link to its MLflow run
 
     def acquire(self) -> None:
         """Own the folder or stop at once (one line naming the owner); proves it is writable too."""
@@ -237,12 +237,12 @@ class RunFolder:
 
     def read_run_id(self) -> str | None:
         try:
-            return json.loads(self.record.read_text()).get("mlflow_run_id")
+            return json.loads(self.run_link.read_text()).get("mlflow_run_id")
         except (OSError, ValueError):
             return None
 
     def write_run_id(self, run_id: str, uri: str) -> None:
-        save_atomic({"mlflow_run_id": run_id, "tracking_uri": uri}, self.record)
+        save_atomic({"mlflow_run_id": run_id, "tracking_uri": uri}, self.run_link)
 
     def repair_best(self, trusted: bool = False) -> None:
         """A kill between writing last.pt and best.pt leaves best.pt behind last.pt's best, and a truncated
@@ -345,6 +345,19 @@ class RunFolder:
             f"{path} is complete (epoch {epoch} of {epochs}) and its MLflow run {run_id or '(none)'} finished: nothing "
             f"to resume; trainer.resume=none trains this config again"
         )
+
+
+def check_resume_setting(resume: str, warm_start: bool, trusted: bool, config_hash: str) -> None:
+    """`trainer.resume` (with `trainer.warm_start`): auto, none, or a checkpoint that loads without running code
+    and, unless warm-starting from it, is this config's last.pt; a UserError otherwise."""
+    if resume not in RESUME_MODES and not Path(resume).is_file():
+        raise UserError(f"trainer.resume={resume} is not a file; allowed: auto, none, or a checkpoint path")
+    if warm_start and resume in RESUME_MODES:
+        raise UserError("trainer.warm_start=true needs trainer.resume=<checkpoint path> to start from")
+    if warm_start:
+        load(Path(resume), mmap=True, trusted=trusted)
+    elif resume not in RESUME_MODES:
+        check_resumable(Path(resume), config_hash, trusted)
 
 
 def check_resumable(path: Path, config_hash: str, trusted: bool) -> tuple[int, str | None, str | None]:

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from datetime import datetime
 
-from resnet_repro.config import ConfigError, compose, expand_sweep, hydra_internals, user_overrides, validate
+# Hydra's own command-line parser and basic sweeper, so that a command line is read and expanded exactly as Hydra
+# will: private modules (stable since Hydra 1.1), touched only here
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import get_args_parser
+
+from resnet_repro.config import ConfigError, compose, parse_overrides, user_overrides, validate
 from resnet_repro.tracking.uri import default_uri
 from resnet_repro.usage import banner
 
@@ -16,7 +22,6 @@ SAFE_VALUE = re.compile(r"[\w/:.+-]+")  # a value Hydra's override grammar reads
 
 def prepare_argv(argv: list[str]) -> list[str]:
     """Raise ConfigError for any job that would fail to compose; return argv, adjusted for torchrun ranks."""
-    get_args_parser, _ = hydra_internals()
     try:
         args = get_args_parser().parse_args(argv)
     except SystemExit:  # a malformed command line: let Hydra print its usage
@@ -43,9 +48,8 @@ def prepare_argv(argv: list[str]) -> list[str]:
         print(banner(first), flush=True)  # before torch's import: seconds on a loaded machine
     from resnet_repro import distributed
 
-    world = distributed.env_world_size() if distributed.under_torchrun() else None
     for i, job in enumerate(jobs):
-        validate(compose(job) if i else first, world_size=world)
+        validate(compose(job) if i else first)  # on the job's world (torchrun's, or trainer.nproc_per_node)
     if args.cfg and first.tracking.uri is None:  # show the store the run would use, not `uri: null`
         uri = default_uri()
         return [f"tracking.uri={uri if SAFE_VALUE.fullmatch(uri) else repr(uri)}", *argv]  # before any --flag
@@ -54,6 +58,15 @@ def prepare_argv(argv: list[str]) -> list[str]:
             raise ConfigError("--multirun cannot run under torchrun; sweep with trainer.nproc_per_node=N instead")
         return argv + _torchrun_overrides(args.overrides)
     return argv
+
+
+def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
+    """The override list of every job a `--multirun` command line would launch (basic sweeper)."""
+    parsed = [ov for ov in parse_overrides(overrides) if not ov.key_or_group.startswith("hydra")]
+    if any(ov.value_type is not None and "GLOB" in ov.value_type.name for ov in parsed):
+        return [list(overrides)]
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return [job for batch in batches for job in batch]
 
 
 def _torchrun_overrides(overrides: list[str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Composing and checking configs: conf/ lookup, one-line errors, row naming, config identity.
+"""Composing and checking configs: conf/ lookup, one-line errors, the table row and deviations of a config.
 
 Hydra reports a bad override as a multi-line message (or a traceback with HYDRA_FULL_ERROR); the
 command line is checked here first so that every mistake is one line naming the bad key and what
@@ -7,36 +7,25 @@ is allowed, before any job starts.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
-import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_repro import batches, schema
+from resnet_repro import batches, identity, schema
 from resnet_repro.batches import BatchPlan
 from resnet_repro.errors import UserError
-from resnet_repro.rows import Row, composition_name, get_row, match_row
+from resnet_repro.rows import composition_name, get_row
 from resnet_repro.tracking.run import flat_params
-from resnet_repro.tracking.uri import URI_FORMS, uri_problem
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUP_DIRS = ("model", "stem", "dataset", "recipe", "precision", "row", "trainer", "tracking", "sweep", "smoke")
 # torch (distributed, checkpoint) is imported only where a check needs it: composing a command line, and the
 # first line a run prints, come before the seconds its import takes
-
-# dataset.* keys that say where the data lies, not what it is: they never change a run's identity
-# (`format` does: an image-folder copy of CIFAR is other data than the official archives)
-DATA_LOCATION_KEYS = ("root", "download")
 _ABSENT = object()
-# trainer.* keys that change what is trained (the rest only change how fast or where)
-TRAINER_IDENTITY_KEYS = ("micro_batch", "limit_train_batches", "limit_val_batches")
 
 
 class ConfigError(UserError):
@@ -156,7 +145,7 @@ def compose_row(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     return compose([f"row={name}", *overrides])
 
 
-def _parse(overrides: Sequence[str]) -> list[Any]:
+def parse_overrides(overrides: Sequence[str]) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -182,7 +171,7 @@ def check_overrides(overrides: Sequence[str]) -> list[str]:
     """Every `group=option` names an existing option (each value of a sweep too); the keys added with `+`
     (or `++`) that are not config groups, for `_check_added`."""
     added = []
-    for ov in _parse(overrides):
+    for ov in parse_overrides(overrides):
         group = ov.key_or_group
         if (ov.is_add() or ov.is_force_add()) and group not in GROUP_DIRS:
             added.append(group)
@@ -201,25 +190,6 @@ def check_overrides(overrides: Sequence[str]) -> list[str]:
     return added
 
 
-def hydra_internals() -> tuple[Callable[[], Any], Any]:
-    """Hydra's command-line parser and basic sweeper, so that a command line is read and expanded exactly as
-    Hydra will. Private modules (stable since Hydra 1.1): the only place that touches hydra._internal."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra._internal.utils import get_args_parser
-
-    return get_args_parser, BasicSweeper
-
-
-def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
-    """The override list of every job a `--multirun` command line would launch (basic sweeper)."""
-    _, BasicSweeper = hydra_internals()  # noqa: N806 - a class
-    parsed = [ov for ov in _parse(overrides) if not ov.key_or_group.startswith("hydra")]
-    if any(ov.value_type is not None and "GLOB" in ov.value_type.name for ov in parsed):
-        return [list(overrides)]
-    batches = BasicSweeper.split_arguments(parsed, None)
-    return [job for batch in batches for job in batch]
-
-
 def user_overrides(overrides: Sequence[str]) -> list[str]:
     """The overrides that shape the job (Hydra's own `hydra.*` settings left out)."""
     return [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
@@ -230,71 +200,9 @@ def flatten(node: Any) -> dict[str, Any]:
     return flat_params(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node)
 
 
-def identity(cfg: DictConfig) -> dict[str, Any]:
-    """What a run trains: two configs with equal identities give the same experiment."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    ident = {k: plain[k] for k in ("model", "stem", "recipe", "precision", "seed")}
-    ident["dataset"] = {k: v for k, v in plain["dataset"].items() if k not in DATA_LOCATION_KEYS}
-    ident["trainer"] = {k: plain["trainer"][k] for k in TRAINER_IDENTITY_KEYS}
-    if plain["trainer"]["warm_start"]:  # a new run from another run's weights is another experiment
-        ident["trainer"]["warm_start"] = str(plain["trainer"]["resume"])
-    return ident
-
-
 def config_hash(cfg: DictConfig) -> str:
-    blob = json.dumps(identity(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def table_row(cfg: DictConfig) -> Row | None:
-    """The table row a composed config stands for (a release recipe counts as its table recipe), or None."""
-    return match_row(
-        {
-            "model": f"resnet{cfg.model.depth}",
-            "stem": cfg.stem.name,
-            "dataset": cfg.dataset.name,
-            "recipe": cfg.recipe.table_recipe,
-            "precision": cfg.precision.name,
-        }
-    )
-
-
-def deviations(cfg: DictConfig, world_size: int | None = None) -> list[str]:
-    """How this run departs from its table row's exact recipe (`key=value`); [] = faithful.
-
-    Empty only for a table row composed with nothing changed but where the data lies and how the
-    run executes. Custom compositions deviate by definition. BatchNorm over another number of images
-    than the recipe (a changed micro_batch, or a SyncBN recipe on fewer GPUs) is one deviation,
-    computed by the batch plan on `world_size` processes (default: trainer.nproc_per_node).
-    """
-    row = table_row(cfg)
-    if row is None:
-        return [f"custom composition {cfg.row_name}"]
-    reference = _reference_identity(row.name)
-    actual = flatten(identity(cfg))
-    diffs = [
-        f"{k}={actual.get(k)}"
-        for k in sorted(set(reference) | set(actual))
-        if k != "trainer.micro_batch" and reference.get(k) != actual.get(k)
-    ]
-    bn = batch_plan(cfg, world_size).bn_deviation()
-    return diffs + ([bn] if bn else [])
-
-
-@functools.cache
-def _reference_identity(row: str) -> dict[str, Any]:
-    """The flattened identity of a row as its preset composes it (composed once per row and process)."""
-    return flatten(identity(compose_row(row)))
-
-
-def batch_plan(cfg: DictConfig, world_size: int | None = None) -> BatchPlan:
-    from resnet_repro import distributed
-
-    world = world_size or int(cfg.trainer.nproc_per_node)
-    try:
-        return batches.plan(cfg, world, distributed.uses_cuda(str(cfg.trainer.device)))
-    except UserError as err:
-        raise ConfigError(str(err)) from None
+    """The hash of what the config trains (identity.config_hash)."""
+    return identity.config_hash(to_plain(cfg))
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
@@ -302,61 +210,33 @@ def to_plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def validate(cfg: DictConfig, world_size: int | None = None) -> None:
-    """Refuse compositions and values that make no sense, with one line naming the key and what is allowed.
+def validate(cfg: DictConfig, world_size: int | None = None) -> BatchPlan:
+    """Refuse compositions and values that make no sense, with one line naming the key and what is allowed; the
+    batch plan on `world_size` processes (default: the job's, distributed.job_world_size).
 
     Everything that can be known from the config is checked here, before any job of a sweep starts;
     the data is checked when the job builds it, before the first step.
     """
+    from resnet_repro import distributed
+    from resnet_repro.checkpoint import check_resume_setting
+    from resnet_repro.data.device_decode import check_setting
+
     problem = schema.check_values(cfg)
     if problem:
         raise ConfigError(problem)
-    _check_identity_values(cfg)
     _check_composition(cfg)
-    _check_recipe_numbers(cfg)
-    if cfg.trainer.decode == "device":  # on a recipe or dataset the device cannot run?
-        from resnet_repro.data.device_decode import check_setting
-
-        try:
-            check_setting(to_plain(cfg))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    batch_plan(cfg, world_size)
-    from resnet_repro import distributed
-
     try:
-        distributed.check_device(str(cfg.trainer.device))
+        check_setting(to_plain(cfg)) if cfg.trainer.decode == "device" else None  # a recipe it cannot run?
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    tr = cfg.trainer
+    try:
+        plan = batches.plan(cfg, world_size or distributed.job_world_size(tr.nproc_per_node))
+        distributed.check_device(str(tr.device))
+        check_resume_setting(str(tr.resume), bool(tr.warm_start), bool(tr.trust_checkpoint), config_hash(cfg))
     except UserError as err:
         raise ConfigError(str(err)) from None
-    _check_tracking(cfg)
-    _check_resume(cfg)
-
-
-def _check_tracking(cfg: DictConfig) -> None:
-    experiment = cfg.tracking.experiment
-    if not isinstance(experiment, str) or not experiment.strip():
-        raise ConfigError(f"tracking.experiment={experiment!r} is not allowed; allowed: a non-empty name")
-    problem = uri_problem(cfg.tracking.uri)
-    if problem:
-        raise ConfigError(f"tracking.uri={cfg.tracking.uri} {problem}; allowed: {URI_FORMS}")
-
-
-SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit (mmengine draws its seeds below 2**31)
-
-
-def _check_identity_values(cfg: DictConfig) -> None:
-    """The seed and the dataset's sizes: values a run's identity is hashed from must be what is trained."""
-    seed = cfg.seed
-    if not _integer(seed) or not 0 <= seed <= SEED_MAX:
-        raise ConfigError(f"seed={seed} is not allowed; allowed: an integer in [0, {SEED_MAX}]")
-    for key in ("dataset.input_size", "dataset.num_classes"):
-        value = OmegaConf.select(cfg, key)
-        if not _integer(value) or value < 1:
-            raise ConfigError(f"{key}={value} must be a positive integer")
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return plan
 
 
 def _check_composition(cfg: DictConfig) -> None:
@@ -366,81 +246,6 @@ def _check_composition(cfg: DictConfig) -> None:
     if ds.name not in recipe.datasets:
         fits = ", ".join(r for r in group_options("recipe") if ds.name in _recipe_datasets(r))
         raise ConfigError(f"recipe={recipe.name} is not for dataset={ds.name}; recipes for {ds.name}: {fits}")
-    for k in recipe.eval_topk:
-        if k > ds.num_classes:
-            raise ConfigError(f"recipe.eval_topk has {k} but dataset={ds.name} has {ds.num_classes} classes")
-
-
-def _check_recipe_numbers(cfg: DictConfig) -> None:
-    scale = cfg.precision.loss_scale
-    if not (scale is None or scale == "dynamic" or (_number(scale) and scale > 0)):
-        raise ConfigError(f"precision.loss_scale={scale} is not allowed; allowed: null, dynamic, a positive number")
-    for key in ("recipe.epochs", "recipe.gpus", "recipe.batch_per_gpu"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{key}={value} must be a positive integer")
-    ranges = {  # key: (least, least allowed?, most, most allowed?)
-        "recipe.optimizer.lr": (0.0, False, math.inf, False),
-        "recipe.optimizer.weight_decay": (0.0, True, math.inf, False),
-        "recipe.optimizer.momentum": (0.0, True, 1.0, False),
-    }
-    ranges |= {
-        "recipe.schedule.warmup_start_factor": (0.0, False, 1.0, True),
-        "recipe.schedule.gamma": (0.0, False, 1.0, True),
-        "recipe.schedule.min_lr": (0.0, True, math.inf, False),
-        "recipe.loss.label_smoothing": (0.0, True, 1.0, False),
-        "recipe.model.drop_path_rate": (0.0, True, 1.0, False),
-    }
-    _check_counts(cfg)
-    for key, (low, low_ok, high, high_ok) in ranges.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None and key != "recipe.optimizer.lr":
-            continue
-        fits = _number(value) and (value > low or (low_ok and value == low)) and (value < high or high_ok)
-        if not fits:
-            bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
-            raise ConfigError(f"{key}={value} is out of range; allowed: a number in {bounds}")
-
-
-def _check_counts(cfg: DictConfig) -> None:
-    """Epoch counts of the schedule: a warmup of >= 0 epochs (a smoke run shorter than the warmup stays in it,
-    as mmengine's would), rising milestones, repeats >= 1."""
-    warmup = OmegaConf.select(cfg, "recipe.schedule.warmup_epochs")
-    if not _integer(warmup) or warmup < 0:
-        raise ConfigError(f"recipe.schedule.warmup_epochs={warmup} is out of range; allowed: an integer >= 0")
-    milestones = OmegaConf.select(cfg, "recipe.schedule.milestones") or []
-    if not all(_integer(m) and m > 0 for m in milestones) or list(milestones) != sorted(milestones):
-        raise ConfigError(
-            f"recipe.schedule.milestones={list(milestones)} is not allowed; allowed: rising positive epoch numbers"
-        )
-    repeats = OmegaConf.select(cfg, "recipe.sampler.repeats")
-    if repeats is not None and (not _integer(repeats) or repeats < 1):
-        raise ConfigError(f"recipe.sampler.repeats={repeats} must be a positive integer")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_resume(cfg: DictConfig) -> None:
-    """A checkpoint named by trainer.resume loads (without running code) and, unless warm_start, is this
-    config's last.pt."""
-    from resnet_repro.checkpoint import RESUME_MODES, check_resumable, load
-
-    resume, trusted = str(cfg.trainer.resume), bool(cfg.trainer.trust_checkpoint)
-    if resume not in RESUME_MODES and not Path(resume).is_file():
-        raise ConfigError(f"trainer.resume={resume} is not a file; allowed: auto, none, or a checkpoint path")
-    if cfg.trainer.warm_start and resume in RESUME_MODES:
-        raise ConfigError("trainer.warm_start=true needs trainer.resume=<checkpoint path> to start from")
-    if resume in RESUME_MODES:
-        return
-    try:
-        if cfg.trainer.warm_start:
-            load(Path(resume), mmap=True, trusted=trusted)
-        else:
-            check_resumable(Path(resume), config_hash(cfg), trusted)
-    except UserError as err:
-        raise ConfigError(str(err)) from None
 
 
 def _recipe_datasets(name: str) -> list[str]:

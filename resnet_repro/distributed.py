@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from resnet_repro.errors import UserError
 
@@ -25,6 +27,11 @@ def under_torchrun() -> bool:
 
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def job_world_size(nproc_per_node: int) -> int:
+    """The processes of one job: torchrun's world, else `trainer.nproc_per_node` local workers (1: this process)."""
+    return env_world_size() if under_torchrun() else int(nproc_per_node)
 
 
 def is_initialized() -> bool:
@@ -265,3 +272,19 @@ def _failure(rank: int, failure: Any) -> WorkerFailure:
     elif message.startswith("To enable traceback"):  # no error file: it said nothing
         message = f"exit status {failure.exitcode}"
     return WorkerFailure(rank, int(failure.exitcode), message.splitlines()[0] if message else "", trace)
+
+
+def wrap(model: nn.Module, world: int, device: torch.device, compile_mode: Any) -> nn.Module:
+    """DDP across processes, then torch.compile around it when asked (mode: CUDA graphs etc.)."""
+    net: nn.Module = model
+    if world > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_mode is False:
+        return net
+    return torch.compile(net, mode=None if compile_mode is True else str(compile_mode))
+
+
+def ddp_of(net: nn.Module) -> DistributedDataParallel | None:
+    """The DDP module inside what `wrap` returned (torch.compile hides it), for `no_sync`; None without DDP."""
+    inner = getattr(net, "_orig_mod", net)
+    return inner if isinstance(inner, DistributedDataParallel) else None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import NoReturn
 
 
@@ -13,6 +15,16 @@ class UserError(Exception):
     """
 
     before_start = False
+
+
+@contextlib.contextmanager
+def marked_before_start() -> Iterator[None]:
+    """A UserError raised in the block came before the run started: nothing of it is left to keep."""
+    try:
+        yield
+    except UserError as err:
+        err.before_start = True
+        raise
 
 
 class RunFailed(Exception):

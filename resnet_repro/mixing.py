@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from resnet_repro.batches import BatchPlan
 
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Box = tuple[int, int, int, int]  # y1, y2, x1, x2 (half-open)
@@ -99,3 +102,12 @@ class BatchMixer:
 def build_mixer(mixing_cfg: Mapping[str, Any], num_classes: int, chunks: int = 1) -> Mixer:
     alphas = (float(mixing_cfg.get("mixup_alpha", 0.0)), float(mixing_cfg.get("cutmix_alpha", 0.0)))
     return BatchMixer(*alphas, num_classes, chunks=chunks)
+
+
+def build_batch_mixer(cfg: Mapping[str, Any], plan: BatchPlan) -> Mixer | None:
+    """The run's Mixup/CutMix (None without recipe.mixing); mmpretrain mixes each GPU's batch on its own, so
+    partners stay within each BN group (the recipe's per-GPU batch)."""
+    if not cfg["recipe"].get("mixing"):
+        return None
+    groups = plan.device_batch // plan.bn_group
+    return build_mixer(cfg["recipe"]["mixing"], int(cfg["dataset"]["num_classes"]), chunks=groups)

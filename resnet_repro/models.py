@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from timm.layers import DropPath
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.resnet import ResNet as _TimmResNet
 from torch import nn
+
+from resnet_repro.bn_groups import convert_bn_groups, convert_sync_bn, resolve_kernel
+
+if TYPE_CHECKING:
+    from resnet_repro.batches import BatchPlan
 
 GLOBAL_POOL = "fast"  # timm's SelectAdaptivePool2d: x.mean((2, 3)), flattened (see the module docstring)
 ARCH: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
@@ -142,3 +147,36 @@ def count_flops(model: ResNet, input_px: int) -> int:
         backend_specific_config={"count_functional": False},
     )
     return int(macs)
+
+
+def build_train_model(
+    cfg: Mapping[str, Any], plan: BatchPlan, device: torch.device, channels_last: bool, rank: int
+) -> tuple[nn.Module, int, float]:
+    """The model as a run trains it, on its device (recipe init, pretrained weights, SyncBN or BN groups as the
+    batch plan says); its Params and FLOPs (G, rank 0).
+
+    BN groups: each forward pass holds `plan.bn_groups_per_pass` groups (the recipe's per-GPU shares, of equal
+    size in every step, the short last one too), in the `trainer.bn_group_kernel` form."""
+    model = build_model_from_cfg(cfg)
+    init = cfg["recipe"].get("init") or {}
+    if init.get("pretrained"):
+        from resnet_repro.convert import load_pretrained
+
+        trusted = bool(cfg["trainer"]["trust_checkpoint"])
+        load_pretrained(model, init["pretrained"], prefix=init.get("prefix"), trusted=trusted)
+    params = count_params(model)  # ptflops knows plain BN layers: count before converting them
+    flops = count_flops(model, int(cfg["dataset"]["input_size"])) / 1e9 if rank == 0 else 0.0
+    if plan.sync_bn:  # running statistics from one pass per step, as the BN groups' (bn_groups.GatedSyncBatchNorm)
+        model = convert_sync_bn(model)
+    else:  # each group of the recipe's per-GPU batch normalised on its own, in one pass
+        kernel = resolve_kernel(str(cfg["trainer"]["bn_group_kernel"]), device)
+        convert_bn_groups(model, groups=plan.bn_groups_per_pass, kernel=kernel)
+    model.to(device)
+    return (model.to(memory_format=torch.channels_last) if channels_last else model), params, flops
+
+
+def plain_model(cfg: Mapping[str, Any], trained: nn.Module) -> nn.Module:
+    """The trained weights in the row's plain model (ordinary BatchNorm, on the CPU): what serving needs."""
+    model = build_model_from_cfg(cfg)
+    model.load_state_dict({k: v.detach().cpu() for k, v in trained.state_dict().items()})
+    return model.eval()

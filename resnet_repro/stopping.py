@@ -55,6 +55,36 @@ def before_start(signal_name: str) -> Stopped:
     )
 
 
+# ---- the line a training run stops with (engine.Trainer) ----------------------------------------------------
+def at_boundary(where: str, kept: bool) -> Stopped:
+    """The stop after a checkpoint of this step boundary (`where`: "at epoch 2 step 5/10", "after epoch 1");
+    `kept`: a checkpoint holds it (trainer.checkpoints=none keeps nothing: the same command starts over)."""
+    sig = requested() or "SIGTERM"
+    if not kept:
+        line = f"stopped {where} ({sig}); trainer.checkpoints=none kept nothing: the same command starts over"
+        return Stopped(line, exit_code(sig), sig)
+    return Stopped(f"stopped {where} ({sig}); the same command resumes here", EXIT_STOPPED, sig)
+
+
+def at_start(stop: Stopped, resumes_at: str | None) -> Stopped:
+    """A signal before the first step: a run that resumes a checkpoint still resumes it (`resumes_at`: "epoch 3
+    step 0/10"); a new one has nothing to keep."""
+    if resumes_at is None:
+        return stop
+    line = f"stopped before the first step ({stop.signal_name}); the same command resumes at {resumes_at}"
+    return Stopped(line, EXIT_STOPPED, stop.signal_name)
+
+
+def by_error(err: Exception, resumable: bool) -> Stopped:
+    """Asked to stop, the run failed before it reached a step boundary: what the folder last got resumes
+    (`resumable`: there is a last checkpoint)."""
+    sig = requested() or "SIGTERM"
+    why = f"stopped ({sig}) by an error while stopping ({type(err).__name__}: {str(err).strip()[:160]})"
+    if not resumable:
+        return Stopped(f"{why}; nothing to resume", exit_code(sig), sig)
+    return Stopped(f"{why}; the same command resumes from the last checkpoint", EXIT_STOPPED, sig)
+
+
 class StopRequest:
     """What the handlers saw: the first signal (`signal`) and whether training defers it to a step boundary."""
 
@@ -136,7 +166,7 @@ def handling() -> Iterator[StopRequest]:
             signal.signal(number, previous if previous is not None else signal.SIG_DFL)
 
 
-announcing = True  # False in workers whose launching process says the line (train.launch_workers)
+announcing = True  # False in workers whose launching process says the line (job.launch_workers)
 
 
 def announce(stop: Stopped) -> None:

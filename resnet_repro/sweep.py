@@ -5,7 +5,7 @@ line per job when it ends (with a non-zero exit when a job failed).
 id into the sweep's folder, where every job finds it (whatever the launcher: in-process, local processes or
 SLURM through submitit; tracking.standard). Each job writes `job_summary.json` into its own output folder,
 and the callback reads them all at the end. A job that fails does not stop the ones after it
-(train.run_and_summarise); a job skipped because its config already finished shows that run's result.
+(job.run_and_summarise); a job skipped because its config already finished shows that run's result.
 """
 
 from __future__ import annotations

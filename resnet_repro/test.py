@@ -59,9 +59,9 @@ def config_of_checkpoint(stored: Mapping[str, Any], overrides: Sequence[str]) ->
     groups the overrides choose again), the overrides, then every stored value the overrides do not set."""
     from omegaconf import OmegaConf
 
-    from resnet_repro.config import _parse, compose
+    from resnet_repro.config import compose, parse_overrides
 
-    parsed = _parse(overrides)
+    parsed = parse_overrides(overrides)
     chosen = {ov.key_or_group for ov in parsed if ov.key_or_group in GROUPS}
     set_keys = {ov.key_or_group for ov in parsed}
     try:
@@ -124,11 +124,13 @@ def run(argv: Sequence[str]) -> dict[str, float]:
     from resnet_repro.evaluation import topk_accuracy
     from resnet_repro.models import build_model_from_cfg
     from resnet_repro.progress import Progress
+    from resnet_repro.provenance import run_info
+    from resnet_repro.run_books import run_tags
     from resnet_repro.tracking import Tracker
 
     source, trusted, overrides = split_args(argv)
     source, cfg, obj = prepare(source, trusted, overrides)
-    validate(cfg, world_size=1)
+    info = run_info(cfg, validate(cfg, world_size=1))  # the row, config hash and deviations a training run has
     plain = to_plain(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     tracker.probe()
@@ -152,8 +154,11 @@ def run(argv: Sequence[str]) -> dict[str, float]:
         f"({num_test} images, {elapsed:.1f} s, checkpoint {source})",
         flush=True,
     )
-    verified = data_source(plain["dataset"]).verified()
-    record(tracker, cfg, plain, source, loaded, device, num_test, verified, {**metrics, "eval_time_s": elapsed})
+    verified = data_source(plain["dataset"]).verified()  # the same tags as a training run's, and what was tested
+    source_run_id = (loaded.meta.get("mlflow_run_id") if loaded.kind == "ours" else "") or ""
+    tested = {"checkpoint": source, "checkpoint_format": loaded.kind, "source_run_id": source_run_id}
+    tags = run_tags(info, "eval", device, verified, **tested, num_test=num_test)
+    log_evaluation(tracker, cfg, plain, source, tags, {**metrics, "eval_time_s": elapsed})
     return metrics
 
 
@@ -167,24 +172,13 @@ def _check_classes(ours: list[str] | None, test_set: Any, source: str) -> None:
         )
 
 
-def record(
-    tracker: Any,
-    cfg: Any,
-    plain: Any,
-    source: str,
-    loaded: Any,
-    device: Any,
-    num_test: int,
-    verified: Any,
-    metrics: Any,
-) -> None:
+def log_evaluation(tracker: Any, cfg: Any, plain: Any, source: str, tags: dict[str, Any], metrics: Any) -> None:
     """The evaluation's MLflow run: beside its checkpoint's training run (a child of it, when this store has it)."""
     from resnet_repro.tracking import standard, ui_command
     from resnet_repro.tracking.run import flat_params
 
     if tracker.off:  # tracking.uri=none
         return
-    tags = _tags(cfg, source, loaded, device, num_test, verified)
     trained_in = tags["source_run_id"] and tracker.name_of(tags["source_run_id"])
     if trained_in:
         tags[standard.PARENT] = tags["source_run_id"]
@@ -199,31 +193,6 @@ def record(
     tracker.finish("FINISHED")
     beside = f", beside training run {tags['source_run_id']}" if trained_in else ""
     print(f"MLflow run {tracker.run_id}{beside}: see it with `{ui_command(tracker.uri)}`", flush=True)
-
-
-def _tags(cfg: Any, source: str, loaded: Any, device: Any, num_test: int, verified: Any) -> dict[str, Any]:
-    """The same provenance as a training run's (tracking.run.provenance_tags), and what was tested."""
-    from resnet_repro import distributed
-    from resnet_repro.config import config_hash, deviations, table_row
-    from resnet_repro.tracking.run import provenance_tags
-
-    row = table_row(cfg)
-    devs = deviations(cfg, 1)
-    return provenance_tags(
-        run_type="eval",
-        row=cfg.row_name,
-        section=row.section if row else "custom",
-        checkpoint=source,
-        checkpoint_format=loaded.kind,
-        source_run_id=(loaded.meta.get("mlflow_run_id") if loaded.kind == "ours" else "") or "",
-        config_hash=config_hash(cfg),
-        faithful=str(not devs).lower(),
-        deviations="; ".join(devs),
-        device=str(device),
-        device_name=distributed.device_name(device),
-        num_test=num_test,
-        data_verified=verified,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

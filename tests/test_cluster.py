@@ -39,9 +39,9 @@ EPOCH_KEYS = ("train_loss", "lr", "val_top1", "val_top5")
 @pytest.fixture
 def run_here(monkeypatch: pytest.MonkeyPatch):
     """train() in this process with RESNET_REPRO_CRASH_AT=crash: its result, or the Stopped it ended with."""
-    from resnet_repro.config import compose, config_hash, to_plain
+    from resnet_repro.config import compose, config_hash, to_plain, validate
     from resnet_repro.engine import RunInfo
-    from resnet_repro.train import train
+    from resnet_repro.job import train
 
     saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
 
@@ -49,7 +49,7 @@ def run_here(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv("RESNET_REPRO_CRASH_AT", crash)
         faults._fired.clear()
         cfg = compose([*DEMO, *ONE, *extra, *train_args(tmp)])
-        info = RunInfo(row_name=cfg.row_name, config_hash=config_hash(cfg), run_name="test")
+        info = RunInfo(row_name=cfg.row_name, config_hash=config_hash(cfg), plan=validate(cfg), run_name="test")
         try:
             return train(to_plain(cfg), info)
         except stopping.Stopped as stop:
@@ -238,18 +238,18 @@ def test_a_worker_group_out_of_restarts_ends_in_one_line_naming_the_dead_rank(
 ) -> None:
     """The launching side of trainer.nproc_per_node: the rank that died (not the one that lost its peer) is named,
     each restart is one line, the last failure one error line, the MLflow run FAILED with that line."""
-    from resnet_repro import distributed, train
-    from resnet_repro.config import compose, config_hash, to_plain
+    from resnet_repro import distributed, job
+    from resnet_repro.config import compose, config_hash, to_plain, validate
     from resnet_repro.engine import RunInfo
     from resnet_repro.errors import RunFailed
     from resnet_repro.tracking import Tracker
 
     cfg = compose([*DEMO, *TWO, "trainer.max_restarts=1", *train_args(tmp_path)])
-    info = RunInfo(row_name=cfg.row_name, config_hash=config_hash(cfg))
+    info = RunInfo(row_name=cfg.row_name, config_hash=config_hash(cfg), plan=validate(cfg))
     plain = to_plain(cfg)
     tracker = Tracker(plain["tracking"]["uri"], "resnet_repro")
     run_id = tracker.start("killed", {"run_type": "train"})
-    folder = train._folder(plain, info)
+    folder = job._folder(plain, info)
     folder.path.mkdir(parents=True)
     folder.write_run_id(run_id, tracker.uri)
     launches = []
@@ -261,7 +261,7 @@ def test_a_worker_group_out_of_restarts_ends_in_one_line_naming_the_dead_rank(
 
     monkeypatch.setattr(distributed, "launch_local", dies)
     with caplog.at_level("WARNING", logger="resnet_repro"), pytest.raises(RunFailed) as failed:
-        train.launch_workers(plain, info, 2)
+        job.launch_workers(plain, info, 2)
     assert launches == ["0", "1"] and caplog.text.count("starting the 2 workers again (restart 1 of 1)") == 1
     assert str(failed.value) == (
         "worker rank 1 failed: killed by SIGKILL; the same command resumes from the last checkpoint"

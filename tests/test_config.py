@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from resnet_repro.config import ConfigError, compose, compose_row, config_hash, deviations, validate
+from resnet_repro.config import ConfigError, compose, compose_row, config_hash, validate
+from resnet_repro.identity import Deviation
+from resnet_repro.provenance import deviations
 from resnet_repro.rows import all_rows
 from tests.conftest import REPO, run_cli
 
@@ -62,7 +64,7 @@ def test_issue_example_resnet101_cifar10() -> None:
     cfg = compose(["model=resnet101", "dataset=cifar10"])
     assert cfg.row_name == "resnet101_8xb16_cifar10"
     assert (cfg.stem.name, cfg.recipe.name) == ("cifar", "cifar-200e")
-    assert deviations(cfg) == []
+    assert deviations(cfg, validate(cfg)) == []
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASET_DEFAULTS))
@@ -75,16 +77,23 @@ def test_dataset_picks_stem_and_recipe_and_they_stay_overridable(dataset: str) -
 def test_off_table_composition_is_named_custom_and_says_how_it_deviates() -> None:
     cfg = compose(["model=resnet50", "stem=v1d"])  # the v1d row uses the Pillow recipe
     assert cfg.row_name == "custom:resnet50-v1d-imagenet1k-imagenet-basic-100e-fp32"
-    assert deviations(cfg) == ["custom composition custom:resnet50-v1d-imagenet1k-imagenet-basic-100e-fp32"]
+    (custom,) = deviations(cfg, validate(cfg))
+    assert str(custom) == "custom composition custom:resnet50-v1d-imagenet1k-imagenet-basic-100e-fp32"
 
 
 def test_value_overrides_keep_the_row_but_are_recorded() -> None:
     cfg = compose(["row=resnet18_8xb16_cifar10", "recipe.epochs=1", "dataset.root=/elsewhere", "trainer.device=cpu"])
     assert cfg.row_name == "resnet18_8xb16_cifar10"
-    assert deviations(cfg) == ["recipe.epochs=1"]  # where the data lies and how it runs are not deviations
+    # where the data lies and how it runs are not deviations; each is a record: key, recipe value, run value, reason
+    assert deviations(cfg, validate(cfg)) == [Deviation("recipe.epochs", 200, 1, "smoke")]
     assert config_hash(cfg) != config_hash(compose_row("resnet18_8xb16_cifar10"))
     copy = compose(["row=resnet18_8xb16_cifar10", "dataset.format=imagefolder"])  # other data than the archives
-    assert deviations(copy) == ["dataset.format=imagefolder"]
+    assert deviations(copy, validate(copy)) == [Deviation("dataset.format", "pickle", "imagefolder", "data")]
+    groups = compose(["row=resnet18_8xb16_cifar10", "trainer.micro_batch=8", "recipe.optimizer.lr=0.2"])
+    assert [str(d) for d in deviations(groups, validate(groups))] == [
+        "recipe.optimizer.lr=0.2",
+        "BatchNorm statistics over 8 images (recipe: 16)",
+    ]
     assert config_hash(compose(["row=resnet18_8xb16_cifar10", "dataset.root=/x"])) == config_hash(
         compose_row("resnet18_8xb16_cifar10")
     )
@@ -109,15 +118,15 @@ rsb-a2                  300    8    256   lamb 5e-3  0.02  -        -        Fal
 rsb-a3                  100    8    256   lamb 8e-3  0.02  -        -        False
 """
 SCHEDULE_TABLE = """
-recipe                  decay  milestones gamma warmup warmup_from min_lr loss       ls  topk backend
-imagenet-basic-100e     step   30/60/90   0.1   0      -           -      softmax_ce 0.0 1/5  cv2
-imagenet-basic-100e-pil step   30/60/90   0.1   0      -           -      softmax_ce 0.0 1/5  pillow
-cifar-200e              step   100/150    0.1   0      -           -      softmax_ce 0.0 1    -
-cifar100-200e           step   60/120/160 0.2   0      -           -      softmax_ce 0.0 1    -
-cub-ft-100e             cosine -          -     5      0.01        0.0    softmax_ce 0.0 1    cv2
-rsb-a1                  cosine -          -     5      1e-4        1e-6   bce        0.1 1/5  pillow
-rsb-a2                  cosine -          -     5      1e-4        1e-6   bce        0.0 1/5  pillow
-rsb-a3                  cosine -          -     5      1e-4        1e-6   bce        0.0 1/5  pillow
+recipe                  decay  milestones gamma warmup warmup_from min_lr loss       ls  backend
+imagenet-basic-100e     step   30/60/90   0.1   0      -           -      softmax_ce 0.0 cv2
+imagenet-basic-100e-pil step   30/60/90   0.1   0      -           -      softmax_ce 0.0 pillow
+cifar-200e              step   100/150    0.1   0      -           -      softmax_ce 0.0 -
+cifar100-200e           step   60/120/160 0.2   0      -           -      softmax_ce 0.0 -
+cub-ft-100e             cosine -          -     5      0.01        0.0    softmax_ce 0.0 cv2
+rsb-a1                  cosine -          -     5      1e-4        1e-6   bce        0.1 pillow
+rsb-a2                  cosine -          -     5      1e-4        1e-6   bce        0.0 pillow
+rsb-a3                  cosine -          -     5      1e-4        1e-6   bce        0.0 pillow
 """
 # recipes.md §3: the RSB knobs
 RSB_TABLE = """
@@ -167,7 +176,6 @@ def test_recipe_numbers_match_the_spec(recipe: str) -> None:
         assert (sched.warmup_start_factor, sched.min_lr) == (float(spec["warmup_from"]), float(spec["min_lr"]))
         assert sched.cosine_span == "after_warmup"
     assert (r.loss.name, r.loss.label_smoothing) == (spec["loss"], float(spec["ls"]))
-    assert list(r.eval_topk) == _ints(spec["topk"])
     if spec["backend"] != "-":
         assert {step.get("backend") for step in r.train_pipeline + r.test_pipeline} - {None} == {spec["backend"]}
     if recipe in RSB:

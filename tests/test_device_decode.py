@@ -307,7 +307,8 @@ def test_decode_device_trains_an_imagenet_folder_and_resumes_exactly(tmp_path: P
     2 epochs straight vs 1 epoch, a stop, and a resume from last.pt end with equal weights and metrics."""
     from resnet_repro.checkpoint import RunFolder, load
     from resnet_repro.config import compose, config_hash, to_plain, validate
-    from resnet_repro.engine import RunInfo, Trainer, run_tags
+    from resnet_repro.engine import RunInfo, Trainer
+    from resnet_repro.run_books import train_tags
 
     data = tmp_path / "imagenet"
     write_folder(data / "train", classes=2, per_class=2, sizes=(40, 90))  # one step of 4 an epoch
@@ -315,20 +316,20 @@ def test_decode_device_trains_an_imagenet_folder_and_resumes_exactly(tmp_path: P
     overrides = [
         "model=resnet18",
         *[f"recipe.{k}" for k in ("train_pipeline.0.size=32", "test_pipeline.0.size=36", "test_pipeline.1.size=32")],
-        *["dataset.input_size=32", "dataset.num_classes=2", "recipe.eval_topk=[1]", "recipe.gpus=1"],
+        *["dataset.input_size=32", "dataset.num_classes=2", "recipe.gpus=1"],
         "recipe.batch_per_gpu=4",
         *["recipe.epochs=2", "trainer.decode=device", "trainer.checkpoints=last"],
         *train_args(tmp_path, data),
     ]
     cfg = compose(overrides)
-    validate(cfg)
+    info = RunInfo(row_name=cfg.row_name, config_hash=config_hash(cfg), plan=validate(cfg))
 
     def trainer(folder: Path) -> Trainer:
-        folder.mkdir(exist_ok=True)  # (train.py's RunFolder.acquire makes and locks it)
-        return Trainer(to_plain(cfg), RunInfo(row_name=cfg.row_name, config_hash=config_hash(cfg)), RunFolder(folder))
+        folder.mkdir(exist_ok=True)  # (job.py's RunFolder.acquire makes and locks it)
+        return Trainer(to_plain(cfg), info, RunFolder(folder))
 
     whole = trainer(tmp_path / "whole")
-    assert whole.data.decode == "device" and run_tags(whole)["decode"] == "device"
+    assert whole.data.decode == "device" and train_tags(whole)["decode"] == "device"
     whole.fit()
     stopped = trainer(tmp_path / "broken")
     first_epoch_only = stopped._epoch

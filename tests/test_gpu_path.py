@@ -340,7 +340,7 @@ def test_a_short_last_step_is_cut_into_its_per_gpu_shares() -> None:
 def test_ddp_is_found_inside_the_compiled_wrapper(tmp_path) -> None:
     import torch.distributed as dist
 
-    from resnet_repro.engine import ddp_of, wrap
+    from resnet_repro.distributed import ddp_of, wrap
     from tests.test_bn_groups import tiny_net
 
     if dist.is_initialized():

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from resnet_repro import report
+from resnet_repro.identity import Deviation, batchnorm_deviation, deviations_tag, read_deviations, read_flag
 from resnet_repro.report import records, render, select
 from resnet_repro.rows import get_row
 from resnet_repro.tracking import Tracker
@@ -26,6 +27,7 @@ README = "# Project\n\nintro\n\n<!-- results:begin -->\nstale tables\n<!-- resul
 URL = get_row(ROW).checkpoint_url
 H100 = "NVIDIA H100 80GB HBM3"
 CONFIG_YAML = "model:\n  depth: 18\nrecipe:\n  epochs: 3\n  optimizer:\n    lr: 0.1\nseed: 0\n"
+ONE_EPOCH = deviations_tag([Deviation("recipe.epochs", 3, 1, "smoke")])  # as a run writes it now
 
 
 def _train_run(
@@ -39,7 +41,7 @@ def _train_run(
     faithful: bool = True,
     deviations: str = "",
     finish: bool = True,
-    data_verified: str = "True",
+    data_verified: str = "true",
     experiment: str = EXPERIMENT,
     tags: dict[str, str] | None = None,
     config: str | None = None,
@@ -132,7 +134,7 @@ def store(empty_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     ids = {
         "seed0": _train_run(uri, "s0", 0, [60.0, 90.0, 94.1]),
         "seed1": _train_run(uri, "s1", 1, [62.0, 91.0, 94.5], tags={"world_size": "2"}),
-        "smoke": _train_run(uri, "smoke", 2, [40.0], epochs=1, faithful=False, deviations="recipe.epochs=1"),
+        "smoke": _train_run(uri, "smoke", 2, [40.0], epochs=1, faithful=False, deviations=ONE_EPOCH),
         "unfinished": _train_run(uri, "u", 3, [50.0], row="resnet50_8xb16_cifar100", finish=False),
         "short": _train_run(uri, "short", 4, [50.0, 60.0], row="resnet34_8xb16_cifar10"),
         "custom": _train_run(
@@ -145,7 +147,7 @@ def store(empty_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
             [80.0, 90.0, 92.0],
             row="resnet50_8xb16_cifar10",
             faithful=False,
-            deviations="dataset.format=imagefolder",
+            deviations="dataset.format=imagefolder",  # a run recorded before deviations were data
             data_verified="None",
             tags={"device_name": ""},
         ),
@@ -208,10 +210,31 @@ def test_exclusion_reasons_of_other_deviations() -> None:
     assert report.exclusion({**run, "tags": {**tags, "faithful": "true"}}) == ""
     untyped = {**run, "tags": {"row": ROW, "data_verified": "True"}}
     assert report.exclusion(untyped) == "not a training or evaluation run (run_type=missing)"
-    both = {**run, "tags": {**tags, "deviations": "dataset.format=imagefolder; recipe.epochs=1"}}
-    assert report.exclusion(both) == f"smoke: recipe.epochs=1; {select.DATA_COPY}" and not select.indicative(both)
     limited = {**run, "tags": {**tags, "faithful": "true", "val_limited": "true"}}
     assert report.exclusion(limited) == "smoke: validated on a subset (val_limited=true)"
+
+
+def test_deviations_are_read_as_records_and_old_runs_tags_the_same() -> None:
+    """The JSON records a run writes now and the "; "-joined words of runs recorded before give the same reasons;
+    yes/no tags read in either spelling."""
+    records = [Deviation("recipe.epochs", 200, 1, "smoke")]
+    records.append(Deviation("dataset.format", "pickle", "imagefolder", "data"))
+    records.append(batchnorm_deviation(8, 16))
+    old = "recipe.epochs=1; dataset.format=imagefolder; BatchNorm statistics over 8 images (recipe: 16)"
+    assert read_deviations(deviations_tag(records)) == records
+    assert [(d.key, d.run, d.reason) for d in read_deviations(old)] == [
+        ("recipe.epochs", "1", "smoke"),
+        ("dataset.format", "imagefolder", "data"),
+        ("batchnorm.images", 8, "batchnorm"),
+    ]
+    run = {"status": "FINISHED", "params": {"recipe.epochs": "1"}, "metrics": {"val_top1": 1.0, "epochs_completed": 1}}
+    tags = {"row": ROW, "run_type": "train", "faithful": "false", "data_verified": "true"}
+    reasons = {report.exclusion({**run, "tags": {**tags, "deviations": t}}) for t in (deviations_tag(records), old)}
+    assert reasons == {
+        f"smoke: recipe.epochs=1; deviates: BatchNorm statistics over 8 images (recipe: 16); {select.DATA_COPY}"
+    }
+    assert not select.indicative({**run, "tags": {**tags, "deviations": old}})  # not only its data keeps it out
+    assert [read_flag(t) for t in ("true", "True", "false", "False", "None", None)] == [True, True] + [False] * 4
 
 
 def test_cifar_runs_count_only_on_the_official_archives(store: dict[str, Any]) -> None:
@@ -403,7 +426,7 @@ def rebuilt(empty_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         "a0": _train_run(uri, "a0", 0, [60.0, 90.0, 94.6], config=CONFIG_YAML),
         "a1": _train_run(uri, "a1", 1, [62.0, 91.0, 94.7]),
         "b0": _train_run(uri, "b0", 0, [30.0, 50.0, 70.0], row="resnet50_8xb16_cifar100"),
-        "smoke": _train_run(uri, "smoke", 2, [40.0], epochs=1, faithful=False, deviations="recipe.epochs=1"),
+        "smoke": _train_run(uri, "smoke", 2, [40.0], epochs=1, faithful=False, deviations=ONE_EPOCH),
         "eval": _eval_run(uri),
     }
     (work / "README.md").write_text(README)

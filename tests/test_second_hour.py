@@ -20,10 +20,10 @@ from mlflow import MlflowClient
 from resnet_repro import progress
 from resnet_repro import test as test_command
 from resnet_repro.config import compose, group_options
+from resnet_repro.provenance import run_name
 from resnet_repro.report import compare, curves, local, records, select
 from resnet_repro.rows import all_rows
 from resnet_repro.tracking import Tracker
-from resnet_repro.train import run_name
 from tests.conftest import _empty_store, mlflow_runs, run_cli, train_args, write_cifar10
 
 DEMO = ["model=resnet18", "dataset=demo"]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from resnet_repro.config import compose, expand_sweep, group_options, validate
+from resnet_repro.cli import expand_sweep
+from resnet_repro.config import compose, group_options, validate
 from resnet_repro.rows import all_rows
 from tests.conftest import REPO, mlflow_runs, run_cli, train_args
 

@@ -9,7 +9,9 @@ A training run counts for its table row when all of these hold:
   (smoke runs with fewer epochs or limited batches, changed hyper-parameters, or BatchNorm over
   fewer images than the recipe are all deviations), and it validated on the whole split (val_limited);
 - it ran full length: metric epochs_completed equals param recipe.epochs;
-- CIFAR rows: it read the official archives, md5-verified (tag data_verified="True"), not a copy.
+- CIFAR rows: it read the official archives, md5-verified (tag data_verified="true"), not a copy.
+The deviations are read as the records the run wrote (identity.read_deviations: the tag's JSON, or the words of
+runs recorded before), each with its reason: a shortened run (smoke), other data, or another recipe.
 Its Top-1/Top-5 is the last epoch's val_top1/val_top5 (the final model, as the published checkpoints
 are; no best-epoch selection on the evaluation split).
 
@@ -35,12 +37,11 @@ from typing import Any
 
 import pandas as pd
 
+from resnet_repro.identity import DATA, SMOKE, Deviation, read_deviations, read_flag
 from resnet_repro.report.records import Record, row_of
 from resnet_repro.rows import Row, rows_by_name
 
 OFFICIAL_DATA_ONLY = ("cifar10", "cifar100")  # datasets whose files the loader can verify (md5)
-SMOKE_KEYS = ("recipe.epochs=", "trainer.limit_train_batches=", "trainer.limit_val_batches=")
-DATA_KEYS = ("dataset.format=",)  # where the images come from, not how the model is trained
 DATA_COPY = "data: an image-folder copy (dataset.format=imagefolder), not the official archives"
 DATA_UNVERIFIED = "data: not the md5-verified official CIFAR archives (e.g. an image-folder copy)"
 SEED_NOISE = 0.3  # top-1 points between seeds of one ImageNet recipe (pytorch/vision#4115)
@@ -75,25 +76,21 @@ def _num(value: Any) -> float | None:
 
 
 # ---- the counting rule ------------------------------------------------------------------------
-def _deviations(tags: Mapping[str, str]) -> list[str]:
-    return [d.strip() for d in tags.get("deviations", "").split(";") if d.strip()]
-
-
 def _faithfulness(tags: Mapping[str, str]) -> list[str]:
     """Why a run is not the row's exact recipe, its data left aside (see _data); [] when it is."""
-    everything = _deviations(tags)
-    deviations = [d for d in everything if not d.startswith(DATA_KEYS)]
-    only_data = tags.get("faithful") == "false" and everything and not deviations
-    reasons = [] if tags.get("faithful") == "true" or only_data else _deviation_reasons(tags, deviations)
-    limited = any(d.startswith("trainer.limit_val_batches=") for d in deviations)
-    if tags.get("val_limited") == "true" and not limited:  # top-1 of a validation subset is no result
+    everything = read_deviations(tags.get("deviations"))
+    deviations = [d for d in everything if d.reason != DATA]
+    only_data = "faithful" in tags and everything and not deviations
+    reasons = [] if read_flag(tags.get("faithful")) or only_data else _deviation_reasons(tags, deviations)
+    limited = any(d.key == "trainer.limit_val_batches" for d in deviations)
+    if read_flag(tags.get("val_limited")) and not limited:  # top-1 of a validation subset is no result
         reasons.append("smoke: validated on a subset (val_limited=true)")
     return reasons
 
 
-def _deviation_reasons(tags: Mapping[str, str], deviations: list[str]) -> list[str]:
-    smoke = [d for d in deviations if d.startswith(SMOKE_KEYS)]
-    other = [d for d in deviations if d not in smoke]
+def _deviation_reasons(tags: Mapping[str, str], deviations: list[Deviation]) -> list[str]:
+    smoke = [str(d) for d in deviations if d.reason == SMOKE]
+    other = [str(d) for d in deviations if d.reason != SMOKE]
     reasons = [f"smoke: {', '.join(smoke)}"] if smoke else []
     reasons += [f"deviates: {', '.join(other)}"] if other else []
     return reasons or [f"not faithful (faithful={tags.get('faithful', 'missing')})"]
@@ -101,8 +98,8 @@ def _deviation_reasons(tags: Mapping[str, str], deviations: list[str]) -> list[s
 
 def _data(row: Row, tags: Mapping[str, str]) -> list[str]:
     """Why the data is not the row's published data; [] when it is."""
-    reasons = [DATA_COPY] if any(d.startswith(DATA_KEYS) for d in _deviations(tags)) else []
-    if row.dataset in OFFICIAL_DATA_ONLY and tags.get("data_verified") != "True" and not reasons:
+    reasons = [DATA_COPY] if any(d.reason == DATA for d in read_deviations(tags.get("deviations"))) else []
+    if row.dataset in OFFICIAL_DATA_ONLY and not read_flag(tags.get("data_verified")) and not reasons:
         reasons.append(DATA_UNVERIFIED)
     return reasons
 

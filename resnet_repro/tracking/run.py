@@ -5,15 +5,17 @@ beside it, no server. `tracking.uri=http://host:5000` (or any MLflow URI) uses a
 Parallel jobs share one SQLite file; every call retries while SQLite reports the database locked.
 
 What a training run records (the report reads these names):
-- tags: row, section, config_hash, faithful ("true"/"false"), deviations, run_type ("train"/"eval";
-  "sweep" for a sweep's own run), sweep, git_commit, hydra_overrides, world_size, device, device_name,
-  data_verified, data_fingerprint, data_on_device, val_limited, tf32 (fp32 convs/matmuls may use TF32),
-  bn_group_kernel, decode (cpu / device: where JPEGs were decoded and cropped), output_dir, checkpoint_dir,
+- tags (run_books.run_tags): row, section, config_hash, faithful, deviations (identity.Deviation records as
+  JSON; older runs: "; "-joined words), run_type ("train"/"eval"; "sweep" for a sweep's own run), sweep,
+  git_commit, hydra_overrides, world_size, device, device_name, data_verified, data_fingerprint, data_on_device,
+  val_limited, tf32 (fp32 convs/matmuls may use TF32), bn_group_kernel, decode (cpu / device: where JPEGs were
+  decoded and cropped), output_dir, checkpoint_dir; yes/no tags are "true"/"false" (older runs wrote
+  data_verified as "True"/"False"/"None");
   pid/host/claimed_at (who writes it, since when), versions; MLflow's standard ones (tracking.standard):
   mlflow.source.*, mlflow.user, and mlflow.parentRunId for a sweep's job (and an evaluation of our
   checkpoint: its training run)
-- params: the flattened composed config (recipe.epochs, ...) plus the batch plan (batch_global,
-  batch_per_device, batch_forward, batch_micro, bn_group, accum_steps), num_train, num_val,
+- params: the flattened composed config (recipe.epochs, ...) plus the batch plan (batches.BatchPlan.params:
+  batch_global, batch_per_device, batch_forward, batch_bn_group, bn_images, accum_steps), num_train, num_val,
   steps_per_epoch, num_params, flops_g (runs before these two params logged them as metrics params, flops_g)
 - metrics per epoch (step = epoch, 1-based): train_loss, lr, val_top1, val_top5 (percent),
   epoch_time_s, train_img_per_s, data_wait_frac (share of step time waiting for the next batch); every log

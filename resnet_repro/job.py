@@ -1,5 +1,5 @@
-"""One Hydra job -> one training run: check, name, skip if already done on the same data, then train in
-this process, under torchrun's ranks, or in N local workers (`trainer.nproc_per_node=N`)."""
+"""One Hydra job -> one training run: plan, name, skip if already done on the same data, then train in this
+process, under torchrun's ranks, or in N local workers (`trainer.nproc_per_node=N`); the engine trains."""
 
 from __future__ import annotations
 
@@ -12,96 +12,36 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from resnet_repro import checkpoint, distributed, stopping
-from resnet_repro.config import config_hash, deviations, table_row, to_plain, user_overrides, validate
+from resnet_repro import batches, checkpoint, distributed, stopping
+from resnet_repro.config import to_plain, user_overrides
 from resnet_repro.data.datasets import ensure_present, fingerprint
-from resnet_repro.engine import RunInfo, Trainer, already_training, rival_run, summary_line
-from resnet_repro.errors import RunFailed, UserError, exit_with, one_line
+from resnet_repro.engine import RunInfo, Trainer, summary_line
+from resnet_repro.errors import RunFailed, UserError, exit_with, marked_before_start, one_line
 from resnet_repro.faults import crash_point
+from resnet_repro.provenance import run_info
+from resnet_repro.run_books import already_training, rival_run
 from resnet_repro.sweep import write_summary
 from resnet_repro.tracking import Tracker, resolve_uri, tracking_off, ui_command
 
 log = logging.getLogger("resnet_repro")
 
 
-def world_of(cfg: DictConfig) -> int:
-    return distributed.env_world_size() if distributed.under_torchrun() else int(cfg.trainer.nproc_per_node)
-
-
-def run_info(cfg: DictConfig, world: int) -> RunInfo:
-    """The job's identity and provenance, read from Hydra's runtime where there is one."""
-    from hydra.core.hydra_config import HydraConfig
-
-    overrides, output_dir, sweep, log_file = [], ".", "", ""
-    if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        overrides = user_overrides(list(hc.overrides.task))
-        output_dir = hc.runtime.output_dir
-        log_file = str(Path(output_dir) / f"{hc.job.name}.log")
-        if str(hc.mode) == "RunMode.MULTIRUN":
-            sweep = hc.sweep.dir
-    row = table_row(cfg)
-    devs = deviations(cfg, world)
-    return RunInfo(
-        row_name=cfg.row_name,
-        config_hash=config_hash(cfg),
-        run_name=run_name(cfg.row_name, int(cfg.seed), overrides),
-        deviations=devs,
-        overrides=overrides,
-        output_dir=output_dir,
-        log_file=log_file,
-        sweep=sweep,
-        config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-        section=row.section if row else "custom",
-    )
-
-
-# overrides that never change what a run trains: where things are, how it executes, which row it is
-NAMELESS = ("trainer.", "tracking.", "dataset.root", "dataset.download", "seed=", "hydra", "+sweep")
-GROUP_CHOICES = ("model=", "stem=", "dataset=", "recipe=", "precision=", "row=")
-NAME_WIDTH = 40  # about what MLflow's run-name column shows
-
-
-def run_name(row: str, seed: int, overrides: list[str], width: int = NAME_WIDTH) -> str:
-    """A name a person can tell apart in the MLflow UI's column: the row (a custom composition: its model,
-    dataset and the groups chosen besides), the seed, then the overrides that change the run by their last
-    key (`recipe.optimizer.lr=0.2` -> `lr=0.2`, `+smoke=on` -> `smoke`); cut with … past `width`."""
-    given = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if o.startswith(GROUP_CHOICES)}
-    head = row
-    if row.startswith("custom:"):  # custom:<model>-<stem>-<dataset>-<recipe>-<precision>; only recipe and
-        model, _, dataset = (row.removeprefix("custom:").split("-") + ["", ""])[:3]  # precision hold hyphens
-        chosen = [given[g] for g in ("stem", "recipe", "precision") if g in given and given[g] != dataset]
-        head = " ".join([model, dataset, *chosen])
-    changes = [o for o in overrides if not o.lstrip("+~").startswith(NAMELESS + GROUP_CHOICES)]
-    changes += [o for o in overrides if o.startswith(("trainer.micro_batch", "trainer.limit_"))]
-    name = " ".join([head, f"s{seed}", *map(_short, changes)])
-    return name if len(name) <= width else name[: width - 1] + "…"
-
-
-def _short(override: str) -> str:
-    key, _, value = override.lstrip("+~").partition("=")
-    if override.startswith("+") and "." not in key:  # an added group: +smoke=on -> smoke
-        return key if value in ("on", "true") else f"{key}={value}"
-    return f"{key.rpartition('.')[2]}={value}"
-
-
 def run_job(cfg: DictConfig) -> dict[str, Any] | None:
-    """Hydra's task function: the run's summary (None when skipped)."""
-    world = world_of(cfg)
-    validate(cfg, world_size=world)
+    """Hydra's task function (checked by cli.prepare_argv before Hydra ran it): the run's summary (None when
+    skipped). The batch plan and the provenance are made here, once, and passed on."""
     if cfg.tracking.uri is None:  # the store by its absolute path: in the checkpoints, params and config.yaml
         cfg.tracking.uri = resolve_uri(None)
-    info = run_info(cfg, world)
+    plan = batches.plan(cfg, distributed.job_world_size(cfg.trainer.nproc_per_node))
+    info = run_info(cfg, plan)
     plain = to_plain(cfg)
-    nproc = int(cfg.trainer.nproc_per_node)
-    if nproc > 1 and not distributed.under_torchrun():
-        return launch_workers(plain, info, nproc)
+    if plan.world > 1 and not distributed.under_torchrun():
+        return launch_workers(plain, info, plan.world)
     return train(plain, info)
 
 
@@ -112,10 +52,18 @@ TRACKING_OFF = (
 )
 
 
-def prepare(cfg: dict[str, Any], info: RunInfo, folder: Path) -> str | dict[str, Any]:
+@dataclass(frozen=True)
+class Prepared:
+    """What rank 0 found before anything is built: the data's fingerprint, and the summary of the finished run
+    of this config on this data when the job is skipped (trainer.skip_finished)."""
+
+    fingerprint: str | None
+    skipped: dict[str, Any] | None = None
+
+
+def prepare(cfg: dict[str, Any], info: RunInfo, folder: Path) -> Prepared:
     """Rank 0, before anything is built: the store answers and takes what an earlier run of this folder kept
-    for it, the data is there, nobody else trains this config on it; its fingerprint, or when this config
-    already finished on this data (trainer.skip_finished) that run's summary (`skipped`)."""
+    for it, the data is there, nobody else trains this config on it."""
     tracking = cfg["tracking"]
     tracker = Tracker(tracking["uri"], tracking["experiment"])
     tracker.probe()
@@ -124,11 +72,11 @@ def prepare(cfg: dict[str, Any], info: RunInfo, folder: Path) -> str | dict[str,
     if left := tracker.deliver_pending(folder):
         log.warning("the MLflow store still misses %d writes of an earlier run; they stay kept in %s", left, folder)
     ensure_present(cfg["dataset"])
-    info.data_fingerprint = fingerprint(cfg["dataset"])
-    rival = rival_run(tracker, info.config_hash, info.data_fingerprint)
+    data = fingerprint(cfg["dataset"])
+    rival = rival_run(tracker, info.config_hash, data)
     if rival is not None:  # the store, not the checkpoint folder, knows every start of this config
         raise UserError(already_training(info.row_name, rival))
-    done = tracker.find_finished(info.config_hash, info.data_fingerprint) if cfg["trainer"]["skip_finished"] else None
+    done = tracker.find_finished(info.config_hash, data) if cfg["trainer"]["skip_finished"] else None
     if done:
         log.info(
             "skipping %s: MLflow run %s already finished this config on this data "
@@ -136,8 +84,8 @@ def prepare(cfg: dict[str, Any], info: RunInfo, folder: Path) -> str | dict[str,
             info.row_name,
             done,
         )
-        return skipped_result(tracker, done)
-    return info.data_fingerprint
+        return Prepared(data, skipped_result(tracker, done))
+    return Prepared(data)
 
 
 def skipped_result(tracker: Tracker, run_id: str) -> dict[str, Any]:
@@ -161,11 +109,11 @@ def _train(cfg: dict[str, Any], info: RunInfo) -> dict[str, Any] | None:
     distributed.set_threads(tr["threads"], local)
     folder = _folder(cfg, info)
     try:
-        with before_start():
+        with marked_before_start():
             prepared = distributed.on_rank0(lambda: prepare(cfg, info, folder.path))
-            if isinstance(prepared, dict):
-                return prepared
-            info.data_fingerprint = prepared
+            if prepared.skipped is not None:
+                return prepared.skipped
+            info.data_fingerprint = prepared.fingerprint
             distributed.on_rank0(folder.acquire)  # one process per config: a second one stops here in one line
             crash_point("before-start")
             trainer = Trainer(cfg, info, folder)
@@ -198,16 +146,6 @@ def _shown(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path.resolve())
-
-
-@contextlib.contextmanager
-def before_start() -> Iterator[None]:
-    """Errors in the block happened before the run started: nothing of it is left to keep."""
-    try:
-        yield
-    except UserError as err:
-        err.before_start = True
-        raise
 
 
 def remove_output_dir(output_dir: str) -> None:
