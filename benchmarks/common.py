@@ -39,6 +39,16 @@ def stage_parser(doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def start_stage(
+    parser: argparse.ArgumentParser, stage: str, argv: list[str] | None
+) -> tuple[argparse.Namespace, Recorder, Deadline, torch.device]:
+    """What every stage's main begins with: its options, quiet logs, its recorder, deadline and device."""
+    args = parser.parse_args(argv)
+    quiet()
+    device = torch.device(args.device)
+    return args, Recorder(args.json, stage, device), Deadline(args.max_seconds), device
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

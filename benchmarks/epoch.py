@@ -20,9 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from benchmarks.common import Deadline, Recorder, missing_import, quiet, stage_parser
+from benchmarks.common import Deadline, Recorder, missing_import, stage_parser, start_stage
 
 TINY = ("recipe.gpus=2", "recipe.batch_per_gpu=4", "trainer.limit_train_batches=2", "trainer.num_workers=0")
 
@@ -38,10 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet()
-    deadline, dev = Deadline(args.max_seconds), torch.device(args.device)
-    rec = Recorder(args.json, "epoch", dev)
+    args, rec, deadline, dev = start_stage(parser, "epoch", argv)
     try:
         run(args, rec, deadline)
     except ModuleNotFoundError as err:  # e.g. hydra-core where gpu_check.sh --prepare's wheels did not come along

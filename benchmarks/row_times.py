@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Deadline, Recorder, missing_import, quiet, stage_parser, sync
+from benchmarks.common import missing_import, stage_parser, start_stage, sync
 
 TRAIN, TEST = 50_000, 10_000
 TINY_ROWS = ("resnet18_8xb16_cifar10", "resnet50_8xb16_cifar100")
@@ -71,10 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet()
-    deadline, dev = Deadline(args.max_seconds), torch.device(args.device)
-    rec = Recorder(args.json, "row_times", dev)
+    args, rec, deadline, dev = start_stage(parser, "row_times", argv)
     try:
         from resnet_repro.progress import fmt_time
         from resnet_repro.rows import all_rows

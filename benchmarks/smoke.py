@@ -42,8 +42,8 @@ from benchmarks.common import (
     Recorder,
     existing_overrides,
     missing_import,
-    quiet,
     stage_parser,
+    start_stage,
     sync,
     tf32_off,
     write_image_folder,
@@ -377,10 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet()
-    deadline, dev = Deadline(args.max_seconds), torch.device(args.device)
-    rec = Recorder(args.json, "smoke", dev)
+    args, rec, deadline, dev = start_stage(parser, "smoke", argv)
     chosen = {c.key: c for c in CASES}
     keys = args.cases.split(",") if args.cases else list(chosen)
     unknown = [k for k in keys if k not in chosen]

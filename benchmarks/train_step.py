@@ -31,7 +31,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Deadline, Recorder, existing_overrides, missing_import, quiet, stage_parser, sync
+from benchmarks.common import (
+    existing_overrides,
+    missing_import,
+    stage_parser,
+    start_stage,
+    sync,
+)
 
 R18 = ("model=resnet18", "stem=cifar", "dataset=demo", "recipe=cifar-200e")
 R50 = ("model=resnet50", "stem=v1b", "dataset=demo", "recipe=cifar-200e")
@@ -209,10 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet()
-    deadline, dev = Deadline(args.max_seconds), torch.device(args.device)
-    rec = Recorder(args.json, "train_step", dev)
+    args, rec, deadline, dev = start_stage(parser, "train_step", argv)
     known = {c.key: c for c in CASES}
     keys = (args.cases or DEFAULT[args.device]).split(",")
     if any(k not in known for k in keys):
