@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from resnet_repro.data import device_decode, on_device
 from resnet_repro.data.datasets import ArrayDataset, DataError, Source, check_classes, check_readable, data_source
+from resnet_repro.data.loaders import make_loader
 from resnet_repro.data.resume import ResumableSampler
 from resnet_repro.data.samplers import GlobalBatchSampler, RepeatAugSampler, ShardSampler, spread
 from resnet_repro.data.transforms import Pipeline, build_pipeline
@@ -127,7 +127,7 @@ def build_data(
         check_readable(test_set)  # a corrupt test image is found now, not after an epoch of training
         pin = device.type == "cuda"
         pipeline = build_pipeline(recipe["train_pipeline"])
-        train = _loader(TransformedDataset(train_set, pipeline), sampler, batch, workers, pin)
+        train = make_loader(TransformedDataset(train_set, pipeline), sampler, batch, workers, pin)
         val = _eval_loader(test_set, recipe, batch, workers, shard, pin)
     return DataBundle(
         train=train,
@@ -182,33 +182,10 @@ def _on_device_augment(
     return augment if setting is True or fits else None
 
 
-def _loader(dataset: Dataset, sampler: Sampler[Any], batch: int, workers: int, pin: bool) -> DataLoader:
-    # its own generator: starting an epoch does not draw from torch's global RNG (which drop-path and mixing
-    # use), so a run resumed at any step sees the same global draws; samples are seeded on their own anyway
-    return DataLoader(
-        dataset,
-        sampler=sampler,
-        batch_size=batch,
-        num_workers=workers,
-        pin_memory=pin,
-        persistent_workers=workers > 0,
-        generator=torch.Generator(),
-        worker_init_fn=ignore_stop_signals,
-    )
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave Ctrl-C and the scheduler's warnings (SIGUSR1/2) to the training process, which
-    stops at a step boundary and ends them itself; by default they would die at once and fail its next step.
-    (SIGTERM keeps its default: the training process ends its workers with it.)"""
-    for name in ("SIGINT", "SIGUSR1", "SIGUSR2"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
 def _eval_loader(
     base: Dataset, recipe: Mapping[str, Any], batch: int, workers: int, sampler: Sampler[int], pin: bool
 ) -> DataLoader:
-    return _loader(TransformedDataset(base, build_pipeline(recipe["test_pipeline"])), sampler, batch, workers, pin)
+    return make_loader(TransformedDataset(base, build_pipeline(recipe["test_pipeline"])), sampler, batch, workers, pin)
 
 
 def build_eval_loader(

@@ -36,9 +36,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from resnet_repro.data.datasets import DataError, FileDataset, decode_bytes
+from resnet_repro.data.loaders import make_loader
 from resnet_repro.data.transforms import (
     CenterCrop,
     HFlip,
@@ -400,14 +401,7 @@ class DecodeLoader:
 
     def __init__(self, dataset: EncodedDataset, sampler: Any, batch: int, workers: int, device: torch.device) -> None:
         self.dataset, self.sampler, self.device = dataset, sampler, device
-        self.loader = DataLoader(
-            dataset,
-            sampler=sampler,
-            batch_size=batch,
-            num_workers=workers,
-            collate_fn=collate,
-            persistent_workers=workers > 0,
-        )
+        self.loader = make_loader(dataset, sampler, batch, workers, collate_fn=collate)
 
     def __len__(self) -> int:
         return len(self.loader)
