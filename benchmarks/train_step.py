@@ -1,17 +1,18 @@
 """The trainer's training step against a plain PyTorch loop, same model, batch and device, same process.
 
-    python -m benchmarks.train_step                      # CPU: faithful, accumulate, r50-b8
-    python -m benchmarks.train_step --device cuda        # faithful (both BN-group kernels), accumulate, r50-bf16
+    python -m benchmarks.train_step                      # CPU: faithful, one pass (both BN-group kernels), r50-b8
+    python -m benchmarks.train_step --device cuda        # the same and accumulate, r50-bf16
     python -m benchmarks.train_step --device cuda --cases faithful,compiled,cudagraphs,r18-b512,r50-fp32,r50-fp16
 
 The plain loop is what one writes by hand: float inputs already normalised on the device, forward with
 ordinary BatchNorm over the whole batch, cross-entropy, backward, SGD step (GradScaler for float16),
 channels_last on a GPU, compiled when the case's trainer is. The trainer's steps convert the uint8 batch on
 the device and run the recipe's batch plan:
-- `faithful` is resnet18_8xb16_cifar10's step: 128 images in one pass, BatchNorm over groups of 16 (the
-  recipe's 8 GPUs x 16), BN running statistics from the first group (bn_groups.py);
-- `accumulate` is the same step as 8 forward passes of 16 (trainer.forward_batch=16; how every faithful
-  step ran before BN groups);
+- `faithful` is resnet18_8xb16_cifar10's step as the trainer runs it by default (batches.py): on a GPU 128
+  images in one pass, BatchNorm over groups of 16 (the recipe's 8 GPUs x 16), BN running statistics from the
+  first group (bn_groups.py); on a CPU 8 passes of 16, which run faster there;
+- `one-pass-per-group` / `one-pass-one-kernel` force the one pass with BN groups (trainer.forward_batch=128),
+  each BN-group kernel; `accumulate` forces 8 forward passes of 16 (trainer.forward_batch=16);
 - the others are plain-BN steps of the whole batch (e.g. the recipe's 256 on one GPU with micro_batch=256).
 Each case runs `--rounds` alternating rounds of `--iters` steps after warm-up; `speed` is the plain loop's
 median time over the trainer's (1.0 = as fast as the hand-written loop; the target is >= 0.9).
@@ -58,21 +59,21 @@ class Case:
 
 
 CASES = [
-    Case("faithful", "resnet18 CIFAR faithful (BN groups of 16)", FAITHFUL, 32, R18_TINY),
+    Case("faithful", "resnet18 CIFAR faithful, the default plan", FAITHFUL, 32, R18_TINY),
     Case(
-        "faithful-per-group",
-        "resnet18 CIFAR faithful, per-group BN kernels",
-        FAITHFUL,
+        "one-pass-per-group",
+        "resnet18 CIFAR faithful, one pass, per-group BN kernels",
+        (*FAITHFUL, "trainer.forward_batch=128"),
         32,
-        R18_TINY,
+        (*R18_TINY, "trainer.forward_batch=8"),
         ("trainer.bn_group_kernel=per-group",),
     ),
     Case(
-        "faithful-one-kernel",
-        "resnet18 CIFAR faithful, one-kernel BN",
-        FAITHFUL,
+        "one-pass-one-kernel",
+        "resnet18 CIFAR faithful, one pass, one-kernel BN",
+        (*FAITHFUL, "trainer.forward_batch=128"),
         32,
-        R18_TINY,
+        (*R18_TINY, "trainer.forward_batch=8"),
         ("trainer.bn_group_kernel=one-kernel",),
     ),
     Case(
@@ -115,8 +116,8 @@ CASES = [
     ),
 ]
 DEFAULT = {
-    "cpu": "faithful,accumulate,r50-b8",
-    "cuda": "faithful,faithful-per-group,faithful-one-kernel,accumulate,r50-bf16",
+    "cpu": "faithful,one-pass-per-group,one-pass-one-kernel,r50-b8",
+    "cuda": "faithful,one-pass-per-group,one-pass-one-kernel,accumulate,r50-bf16",
 }
 
 

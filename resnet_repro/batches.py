@@ -4,8 +4,11 @@ A recipe's `gpus x batch_per_gpu` images make one optimizer step whatever the wo
 `world` processes takes `device_batch` = global / world images per step, in forward passes of
 `forward_batch` images (more than one pass = gradient accumulation). BatchNorm normalises groups of
 `bn_group` images (default: the recipe's per-GPU batch) inside each pass — what the recipe's GPUs
-did without SyncBN. Recipes with SyncBN normalise over the whole pass on every process together
-(CUDA only), so their passes are `bn_group` images and there are no groups within a pass.
+did without SyncBN. By default a GPU runs the device batch in one pass (small passes are launch-bound
+there) and a CPU in passes of one BN group (small passes run faster there, in cache: 1.04x the plain
+loop against 0.85x for one pass with BN groups, README Performance): the same computation either way.
+Recipes with SyncBN normalise over the whole pass on every process together (CUDA only), so their passes
+are `bn_group` images and there are no groups within a pass.
 """
 
 from __future__ import annotations
@@ -80,9 +83,11 @@ def plan(cfg: Mapping[str, Any], world: int) -> BatchPlan:
             f"trainer.forward_batch={forward} cannot differ from the BN batch {group} of a SyncBN recipe; "
             f"allowed: null (set trainer.micro_batch instead)"
         )
-    pass_size = group if recipe_sync else int(forward or device_batch)
+    cuda = uses_cuda(str(trainer["device"]))
+    pass_size = group if recipe_sync else int(forward or (device_batch if cuda else group))
     if device_batch % pass_size:
-        raise UserError(f"trainer.forward_batch={forward} does not divide the per-device batch {device_batch}")
+        what = f"trainer.forward_batch={forward}" if forward else f"trainer.micro_batch={group}"
+        raise UserError(f"{what} does not divide the per-device batch {device_batch}")
     if pass_size % group:
         where = f"the forward pass of {pass_size}" if forward else f"the per-device batch {device_batch}"
         raise UserError(f"trainer.micro_batch={group} does not divide {where}")
@@ -92,6 +97,6 @@ def plan(cfg: Mapping[str, Any], world: int) -> BatchPlan:
         device_batch=device_batch,
         forward_batch=pass_size,
         bn_group=group,
-        sync_bn=recipe_sync and world > 1 and uses_cuda(str(trainer["device"])),  # SyncBN: CUDA only
+        sync_bn=recipe_sync and world > 1 and cuda,  # SyncBN: CUDA only
         recipe_bn_images=per_gpu * (gpus if recipe_sync else 1),
     )

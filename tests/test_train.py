@@ -51,9 +51,9 @@ def test_one_epoch_on_tiny_cifar_pickles(tiny_cifar: Path, tmp_path: Path) -> No
     assert {"git_commit", "hydra_overrides", "version.torch", "config_hash", "section"} <= set(tags)
     assert "recipe.epochs=1" in tags["hydra_overrides"]
     assert params["recipe.optimizer.lr"] == "0.1" and params["batch_global"] == "128"
-    # the recipe's 8 GPUs x 16 as one pass of 128 with BatchNorm over groups of 16 (bn_groups.py)
-    assert params["batch_per_device"] == "128" and params["batch_bn_group"] == "16" and params["accum_steps"] == "1"
-    assert params["batch_forward"] == "128" and params["bn_images"] == "16" and tags["data_on_device"] != "false"
+    # the recipe's 8 GPUs x 16 on a CPU: 8 passes of 16 (batches.py; one pass with BN groups of 16 on a GPU)
+    assert params["batch_per_device"] == "128" and params["batch_bn_group"] == "16" and params["accum_steps"] == "8"
+    assert params["batch_forward"] == "16" and params["bn_images"] == "16" and tags["data_on_device"] != "false"
     assert params["num_params"] == "11173962" and round(float(params["flops_g"]), 2) == 0.56
     assert history(tmp_path, run.info.run_id, "lr") == [0.1]
     ckpt = Path(tags["checkpoint_dir"])
