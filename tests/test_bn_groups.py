@@ -23,14 +23,7 @@ from resnet_repro.bn_groups import (
 from resnet_repro.convert import mmpretrain_names
 from resnet_repro.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one intra-op thread is as fast alone and far faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 STEMS = {

@@ -18,14 +18,7 @@ from resnet_repro.losses import build_loss
 from resnet_repro.optim import build_optimizer
 from resnet_repro.precision import Precision, set_tf32
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast alone and far faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---- RNG state: the rank's own GPU, not every visible one ------------------------------------------------------
