@@ -55,6 +55,14 @@ def before_start(signal_name: str) -> Stopped:
     )
 
 
+def while_ending(signal_name: str) -> Stopped:
+    """A signal after the steps were left (a failure being recorded, the books closing): no boundary to keep."""
+    line = (
+        f"stopped ({signal_name}) while the run was ending; the same command resumes from its last checkpoint, if any"
+    )
+    return Stopped(line, exit_code(signal_name), signal_name)
+
+
 # ---- the line a training run stops with (engine.Trainer) ----------------------------------------------------
 def at_boundary(where: str, kept: bool) -> Stopped:
     """The stop after a checkpoint of this step boundary (`where`: "at epoch 2 step 5/10", "after epoch 1");
@@ -91,6 +99,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal: str | None = None
         self.deferred = False
+        self.stepped = False  # training was entered: a later signal is no longer "before the first step"
         self.previous: dict[int, Any] = {}  # the handlers ours replaced, by signal number
 
     def handle(self, signum: int, frame: Any) -> None:
@@ -99,7 +108,7 @@ class StopRequest:
         if self.signal is None:
             self.signal = name
         if not self.deferred:
-            raise before_start(name)
+            raise while_ending(name) if self.stepped else before_start(name)
         if signum == signal.SIGTERM and int(signal.SIGCHLD) not in self.previous:
             # a SIGTERM sent to the whole process tree (scancel, preemption) also ends the data-loader workers;
             # torch's SIGCHLD handler would then raise anywhere in the step: finish it, stop at its boundary
@@ -108,7 +117,7 @@ class StopRequest:
     @contextlib.contextmanager
     def deferring(self) -> Iterator[StopRequest]:
         """Training: signals are recorded, acted on at the next step boundary."""
-        was, self.deferred = self.deferred, True
+        was, self.deferred, self.stepped = self.deferred, True, True
         try:
             yield self
         finally:

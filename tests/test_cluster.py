@@ -140,6 +140,19 @@ def test_a_signal_before_the_first_step_stops_at_once_with_nothing_to_resume(run
     assert not list((tmp_path / "ckpt").rglob("*.pt")) and not mlflow_runs(tmp_path)
 
 
+def test_a_signal_after_the_steps_were_left_does_not_claim_the_run_never_started() -> None:
+    """torchrun's agent ends the surviving ranks with SIGTERM once one died: they are past their first step."""
+    request = stopping.StopRequest()
+    with request.deferring():
+        request.handle(signal.SIGUSR1, None)  # recorded only, for the next step boundary
+    with pytest.raises(stopping.Stopped) as stop:
+        request.handle(signal.SIGTERM, None)  # e.g. while a lost peer's error is being recorded
+    assert stop.value.line == (
+        "stopped (SIGTERM) while the run was ending; the same command resumes from its last checkpoint, if any"
+    )
+    assert stop.value.code == 128 + signal.SIGTERM and not stop.value.resumable
+
+
 def test_a_stop_without_checkpoints_says_nothing_was_kept(run_here, tmp_path: Path) -> None:
     stop = run_here(tmp_path, ["trainer.checkpoints=none"], crash="1.1 INT")
     assert stop.code == 128 + signal.SIGINT and "trainer.checkpoints=none kept nothing" in stop.line
