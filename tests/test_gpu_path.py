@@ -248,6 +248,23 @@ def test_evaluation_reads_no_device_value_until_the_end(monkeypatch: pytest.Monk
     assert top == {"top1": 100.0 * float((ranks < 1).float().mean()), "top5": 100.0 * float((ranks < 5).float().mean())}
 
 
+def test_device_decoder_copies_to_a_gpu_from_pinned_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.decode=device on CUDA: the loader pins its batches and the per-batch host tensors (geometry, image
+    sizes) go to the GPU as pinned, non-blocking copies; a blocking copy would make every loader next() wait for
+    the previous step (a stream synchronisation). On the CPU: plain copies, no pinning."""
+    from resnet_repro.data.device_decode import DecodeLoader, to_device_async
+
+    gpu = torch.device("cuda", 1)
+    assert DecodeLoader([], [0, 1], 2, 0, gpu).loader.pin_memory  # type: ignore[arg-type]
+    assert not DecodeLoader([], [0, 1], 2, 0, torch.device("cpu")).loader.pin_memory  # type: ignore[arg-type]
+    calls: list[tuple] = []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: False)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append(("pin",)) or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kw: calls.append(("to", args, kw)) or self)
+    to_device_async(torch.zeros(2, 9, dtype=torch.int64), gpu)
+    assert calls == [("pin",), ("to", (gpu,), {"non_blocking": True})]
+
+
 def test_mixing_draws_the_partners_on_the_batchs_device() -> None:
     """The permutation is drawn where the batch is (no CPU draw copied to the GPU each step); the CPU's draws are
     mmpretrain's torch.randperm(n) stream, unchanged."""
