@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import sys
 
 import pytest
@@ -329,13 +330,14 @@ def grads_of(trainer, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 
 
 def test_a_short_last_step_is_cut_into_its_per_gpu_shares() -> None:
-    """4 per-GPU shares in 2 accumulation passes: a full step (4 x 4) and the epoch's last (4 x 3) both equal one
-    pass per share (8 passes of 16 in the recipe); the all-reduce is held back in the first pass only."""
+    """4 per-GPU shares in one pass with 4 BN groups (a GPU's plan) or 2 accumulation passes: a full step (4 x 4)
+    and the epoch's last (4 x 3) both equal one pass per share (8 passes of 16 in the recipe); the all-reduce is
+    held back in every pass but the last."""
     from tests.test_bn_groups import micro_batch_step, tiny_net
 
-    for n in (16, 12):
+    for accum, n in itertools.product((1, 2), (16, 12)):
         spy = NoSyncSpy()
-        trainer = bare_trainer(tiny_net(), groups=4, accum=2, ddp=spy)
+        trainer = bare_trainer(tiny_net(), groups=4, accum=accum, ddp=spy)
         x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(n))
         y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(n))
         loss, grads = grads_of(trainer, x, y)
@@ -344,7 +346,30 @@ def test_a_short_last_step_is_cut_into_its_per_gpu_shares() -> None:
         torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
         for g, p in zip(grads, reference.parameters(), strict=True):
             torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
-        assert spy.held == 1
+        assert spy.held == accum - 1
+
+
+def plan_of(gpus: int, per_gpu: int, device: str, world: int, sync_bn: bool = False) -> batches.BatchPlan:
+    recipe = {"gpus": gpus, "batch_per_gpu": per_gpu, "model": {"sync_bn": sync_bn}}
+    return batches.plan(
+        {"recipe": recipe, "trainer": {"device": device, "micro_batch": None, "forward_batch": None}}, world
+    )
+
+
+def test_a_gpu_runs_the_device_batch_in_one_pass_with_bn_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plans a GPU runs (the CPU tests force them with trainer.forward_batch): resnet18_8xb16_cifar10 on 1 GPU
+    is one pass of 128 in 8 BN groups (auto = cuda where one is visible), on 8 GPUs one pass of 16; the RSB
+    rows' SyncBN passes stay the recipe's 256 (8 accumulation passes on 1 GPU); a CPU takes passes of one group."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def shape(p: batches.BatchPlan) -> tuple:
+        return p.device_batch, p.forward_batch, p.bn_groups_per_pass, p.accum_steps, p.sync_bn, p.bn_images
+
+    assert shape(plan_of(8, 16, "cuda", 1)) == shape(plan_of(8, 16, "auto", 1)) == (128, 128, 8, 1, False, 16)
+    assert shape(plan_of(8, 16, "cuda:0", 8)) == (16, 16, 1, 1, False, 16)
+    assert shape(plan_of(8, 256, "cuda", 8, sync_bn=True)) == (256, 256, 1, 1, True, 2048)
+    assert shape(plan_of(8, 256, "cuda", 1, sync_bn=True)) == (2048, 256, 1, 8, False, 256)
+    assert shape(plan_of(8, 16, "cpu", 1)) == (128, 16, 1, 8, False, 16)
 
 
 def test_ddp_is_found_inside_the_compiled_wrapper(tmp_path) -> None:
