@@ -36,7 +36,9 @@ def bce(eps: float) -> Loss:
     not the mean over N x K that torch's default reduction would give."""
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        soft = smooth(target, logits.shape[1], eps).to(logits.dtype)
+        # targets stay float32 under autocast (mmpretrain passes label.float()): autocast runs this loss in
+        # float32, but targets cast to bf16 first would be rounded (0.9001 -> 0.8984), biasing every gradient
+        soft = smooth(target, logits.shape[1], eps).to(torch.promote_types(logits.dtype, torch.float32))
         return F.binary_cross_entropy_with_logits(logits, soft, reduction="sum") / logits.shape[0]
 
     return loss

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import sys
 
 import pytest
@@ -248,6 +249,23 @@ def test_evaluation_reads_no_device_value_until_the_end(monkeypatch: pytest.Monk
     assert top == {"top1": 100.0 * float((ranks < 1).float().mean()), "top5": 100.0 * float((ranks < 5).float().mean())}
 
 
+def test_device_decoder_copies_to_a_gpu_from_pinned_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.decode=device on CUDA: the loader pins its batches and the per-batch host tensors (geometry, image
+    sizes) go to the GPU as pinned, non-blocking copies; a blocking copy would make every loader next() wait for
+    the previous step (a stream synchronisation). On the CPU: plain copies, no pinning."""
+    from resnet_repro.data.device_decode import DecodeLoader, to_device_async
+
+    gpu = torch.device("cuda", 1)
+    assert DecodeLoader([], [0, 1], 2, 0, gpu).loader.pin_memory  # type: ignore[arg-type]
+    assert not DecodeLoader([], [0, 1], 2, 0, torch.device("cpu")).loader.pin_memory  # type: ignore[arg-type]
+    calls: list[tuple] = []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: False)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append(("pin",)) or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kw: calls.append(("to", args, kw)) or self)
+    to_device_async(torch.zeros(2, 9, dtype=torch.int64), gpu)
+    assert calls == [("pin",), ("to", (gpu,), {"non_blocking": True})]
+
+
 def test_mixing_draws_the_partners_on_the_batchs_device() -> None:
     """The permutation is drawn where the batch is (no CPU draw copied to the GPU each step); the CPU's draws are
     mmpretrain's torch.randperm(n) stream, unchanged."""
@@ -312,13 +330,14 @@ def grads_of(trainer, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 
 
 def test_a_short_last_step_is_cut_into_its_per_gpu_shares() -> None:
-    """4 per-GPU shares in 2 accumulation passes: a full step (4 x 4) and the epoch's last (4 x 3) both equal one
-    pass per share (8 passes of 16 in the recipe); the all-reduce is held back in the first pass only."""
+    """4 per-GPU shares in one pass with 4 BN groups (a GPU's plan) or 2 accumulation passes: a full step (4 x 4)
+    and the epoch's last (4 x 3) both equal one pass per share (8 passes of 16 in the recipe); the all-reduce is
+    held back in every pass but the last."""
     from tests.test_bn_groups import micro_batch_step, tiny_net
 
-    for n in (16, 12):
+    for accum, n in itertools.product((1, 2), (16, 12)):
         spy = NoSyncSpy()
-        trainer = bare_trainer(tiny_net(), groups=4, accum=2, ddp=spy)
+        trainer = bare_trainer(tiny_net(), groups=4, accum=accum, ddp=spy)
         x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(n))
         y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(n))
         loss, grads = grads_of(trainer, x, y)
@@ -327,7 +346,30 @@ def test_a_short_last_step_is_cut_into_its_per_gpu_shares() -> None:
         torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
         for g, p in zip(grads, reference.parameters(), strict=True):
             torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
-        assert spy.held == 1
+        assert spy.held == accum - 1
+
+
+def plan_of(gpus: int, per_gpu: int, device: str, world: int, sync_bn: bool = False) -> batches.BatchPlan:
+    recipe = {"gpus": gpus, "batch_per_gpu": per_gpu, "model": {"sync_bn": sync_bn}}
+    return batches.plan(
+        {"recipe": recipe, "trainer": {"device": device, "micro_batch": None, "forward_batch": None}}, world
+    )
+
+
+def test_a_gpu_runs_the_device_batch_in_one_pass_with_bn_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plans a GPU runs (the CPU tests force them with trainer.forward_batch): resnet18_8xb16_cifar10 on 1 GPU
+    is one pass of 128 in 8 BN groups (auto = cuda where one is visible), on 8 GPUs one pass of 16; the RSB
+    rows' SyncBN passes stay the recipe's 256 (8 accumulation passes on 1 GPU); a CPU takes passes of one group."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def shape(p: batches.BatchPlan) -> tuple:
+        return p.device_batch, p.forward_batch, p.bn_groups_per_pass, p.accum_steps, p.sync_bn, p.bn_images
+
+    assert shape(plan_of(8, 16, "cuda", 1)) == shape(plan_of(8, 16, "auto", 1)) == (128, 128, 8, 1, False, 16)
+    assert shape(plan_of(8, 16, "cuda:0", 8)) == (16, 16, 1, 1, False, 16)
+    assert shape(plan_of(8, 256, "cuda", 8, sync_bn=True)) == (256, 256, 1, 1, True, 2048)
+    assert shape(plan_of(8, 256, "cuda", 1, sync_bn=True)) == (2048, 256, 1, 8, False, 256)
+    assert shape(plan_of(8, 16, "cpu", 1)) == (128, 16, 1, 8, False, 16)
 
 
 def test_ddp_is_found_inside_the_compiled_wrapper(tmp_path) -> None:

@@ -209,6 +209,17 @@ def test_bce_sum_over_classes_divided_by_batch() -> None:
     assert recipe(A2)["loss"]["label_smoothing"] == recipe(A3)["loss"]["label_smoothing"] == 0.0
 
 
+def test_bce_targets_stay_float32_under_autocast() -> None:
+    """Under bf16 autocast (precision=bf16) the loss runs in float32 on float32 targets, as mmpretrain's
+    label.float(): the smoothed target 0.9 + 0.1 / 8 is not rounded to bf16's 0.9140625 first."""
+    logits = torch.full((2, 8), 4.0, dtype=torch.bfloat16)  # the fc's output under autocast (exact in bf16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = build_loss({"name": "bce", "label_smoothing": 0.1})(logits, torch.tensor([1, 5]))
+    on, off = 0.9 + 0.1 / 8, 0.1 / 8
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx((2 * _bce(4, on) + 14 * _bce(4, off)) / 2, rel=1e-6)
+
+
 # ---- LAMB and its parameter groups --------------------------------------------------------------
 
 

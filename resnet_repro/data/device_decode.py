@@ -363,7 +363,7 @@ def resample(
     """
     device, n = geometry.device, len(images)
     out_h, out_w = out_hw
-    hw = torch.tensor([tuple(image.shape[-2:]) for image in images], device=device, dtype=torch.int64)
+    hw = to_device_async(torch.tensor([tuple(image.shape[-2:]) for image in images], dtype=torch.int64), device)
     height, width = hw[:, 0], hw[:, 1]
     planes = height * width
     base = torch.cumsum(3 * planes, 0) - 3 * planes
@@ -390,6 +390,16 @@ def resample(
     return out
 
 
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: a blocking copy to a GPU synchronises its stream,
+    so each loader `next()` would wait out the previous step (the GPU idle while the host prepares the batch, and
+    data_wait_frac counting the step's compute). From pinned memory the copy queues behind the step instead (the
+    caching host allocator keeps the pinned block until the copy is done)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
 def _take(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """flat[index] as int32 (index_select: several times faster on CPU than advanced indexing)."""
     return flat.index_select(0, index.reshape(-1)).view(index.shape).int()
@@ -401,14 +411,15 @@ class DecodeLoader:
 
     def __init__(self, dataset: EncodedDataset, sampler: Any, batch: int, workers: int, device: torch.device) -> None:
         self.dataset, self.sampler, self.device = dataset, sampler, device
-        self.loader = make_loader(dataset, sampler, batch, workers, collate_fn=collate)
+        # pinned batches on CUDA: their copies (geometry, labels, worker-decoded images) do not wait (to_device_async)
+        self.loader = make_loader(dataset, sampler, batch, workers, pin=device.type == "cuda", collate_fn=collate)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def images(self, batch: EncodedBatch) -> torch.Tensor:
         decoded = decode_images(batch, self.device, self.dataset.path)
-        return resample(decoded, batch.geometry.to(self.device), self.dataset.out_hw)
+        return resample(decoded, to_device_async(batch.geometry, self.device), self.dataset.out_hw)
 
     def __iter__(self) -> Any:
         for batch in self.loader:
