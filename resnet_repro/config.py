@@ -232,7 +232,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> BatchPlan:
     tr = cfg.trainer
     try:
         plan = batches.plan(cfg, world_size or distributed.job_world_size(tr.nproc_per_node))
-        distributed.check_device(str(tr.device))
+        distributed.check_device(str(tr.device), plan.world)
         check_resume_setting(str(tr.resume), bool(tr.warm_start), bool(tr.trust_checkpoint), config_hash(cfg))
     except UserError as err:
         raise ConfigError(str(err)) from None

@@ -59,13 +59,19 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def check_device(name: str) -> None:
-    """`trainer.device`: auto, cpu, cuda or cuda:N naming a visible GPU; a UserError otherwise."""
+def check_device(name: str, world: int = 1) -> None:
+    """`trainer.device`: auto, cpu, cuda or cuda:N naming a visible GPU (one process only: several on one GPU
+    would share it, and NCCL refuses two ranks on one device); a UserError otherwise."""
     kind, _, index = name.partition(":")
     if name in ("auto", "cpu"):
         return
     if kind != "cuda" or (index and not index.isdigit()):
         raise UserError(f"trainer.device={name} is not a device; allowed: auto, cpu, cuda, cuda:N")
+    if index and world > 1:
+        raise UserError(
+            f"trainer.device={name} would put all {world} processes on one GPU; allowed: cuda (each process takes "
+            f"its local rank's GPU; choose GPUs with CUDA_VISIBLE_DEVICES)"
+        )
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise UserError(f"trainer.device={name} but no CUDA device is visible; allowed here: cpu, auto")

@@ -412,3 +412,15 @@ def test_the_compiled_step_takes_the_short_last_batch_without_recompiling() -> N
         for g, ref in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_one_gpu_named_for_several_processes_is_refused_before_the_first_step() -> None:
+    from resnet_repro.distributed import check_device
+    from resnet_repro.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        check_device("cuda:1", world=2)
+    assert str(err.value) == (
+        "trainer.device=cuda:1 would put all 2 processes on one GPU; allowed: cuda (each process takes its local "
+        "rank's GPU; choose GPUs with CUDA_VISIBLE_DEVICES)"
+    )

@@ -316,7 +316,9 @@ def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.
 
     if device.type != "cuda":
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    side = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    side = _DECODE_STREAMS[device]
     with torch.cuda.stream(side):
         images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     step = torch.cuda.current_stream(device)
