@@ -356,6 +356,22 @@ def tiny_net() -> nn.Module:
     )
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_autocast_float16_equals_8_passes_of_16(kernel: str) -> None:
+    """The fp16 row's autocast (what amp-fp16-static512 runs on a GPU): half inputs, float weights and buffers,
+    channels_last; a small net, as CPU half convolutions are slow."""
+    reference = tiny_net().to(memory_format=torch.channels_last)
+    model = convert_bn_groups(copy.deepcopy(reference), groups=8, kernel=kernel)
+    before = copy.deepcopy(reference.state_dict())
+    x, y = batch(64, 8, torch.float32)
+    x = (x + (torch.arange(64) // 8 - 3.5)[:, None, None, None] * 0.4).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.float16):
+        expected = micro_batch_step(reference, x, y, 8)
+        loss = one_pass_step(model, x, y)
+    assert all(bn.running_mean.dtype == torch.float32 for bn in bns(model))
+    assert_step_equal(reference, model, before, loss, expected, BF16_RTOL)
+
+
 @pytest.mark.slow
 def test_torch_compile_matches_eager() -> None:
     eager = convert_bn_groups(tiny_net(), groups=3)
