@@ -55,11 +55,8 @@ class Loaded:
 
 def describe(model: nn.Module) -> str:
     """ "ResNet-50 v1d"-style name of a model's architecture, for error messages."""
-    from resnet_repro.models import ARCH
-
-    layers = tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5))
-    block = type(model.layer1[0])
-    depth = next((d for d, (b, n) in ARCH.items() if b is block and n == layers), "?")
+    blocks = sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+    depth = 2 + blocks * (3 if hasattr(model.layer1[0], "conv3") else 2)  # stem + fc, 2 or 3 convs per block
     if isinstance(model.conv1, nn.Sequential):
         stem = "v1d" if _avg_down(model) else "v1c"
     else:

@@ -156,6 +156,15 @@ def test_wrong_stem_is_refused(tmp_path: Path) -> None:
     assert "ResNet-18 v1c" in message
 
 
+def test_error_messages_name_every_depth_and_stem() -> None:
+    from resnet_repro.convert import describe
+
+    named = [describe(build_model(d, 10)) for d in (18, 34, 50, 101, 152)]
+    assert named == [f"ResNet-{d} v1b, 10 classes" for d in (18, 34, 50, 101, 152)]
+    assert describe(build_model(50, 200, deep_stem=True, avg_down=True)) == "ResNet-50 v1d, 200 classes"
+    assert describe(build_model(18, 100, small_input=True)) == "ResNet-18 cifar, 100 classes"
+
+
 def test_wrong_head_shape_is_refused(tmp_path: Path) -> None:
     path = save_mm(randomised(18, "cifar", num_classes=10), 18, "cifar", tmp_path / "mm.pth")
     message = _one_line_error(build_model(18, 100, small_input=True), path)
