@@ -70,6 +70,7 @@ def test_lr_after_warmup(row: str, base: float, epochs: int) -> None:
     assert 1e-6 < lr(epochs - 1) < 1e-6 + base * 1e-3
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")  # the reference steps LRs only
 def test_lr_matches_torch_schedulers() -> None:
     """Independent oracle on a small case: torch's LinearLR (total_iters = W - 1, i.e. mmengine's end - begin - 1)
     stepped per iteration for the warmup, then CosineAnnealingLR(T_max = E - 5) stepped per epoch."""
