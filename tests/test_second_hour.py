@@ -383,6 +383,19 @@ def test_compare_table_lists_differing_keys_only() -> None:
     assert not {"s", "pipeline"} & set(frame[""])
 
 
+def test_compare_table_shows_a_training_runs_latest_evaluation() -> None:
+    """`resnet_repro.test` logs its evaluation as a run of its own (source_run_id): the table finds it."""
+    base = {"run_name": "x", "config": {}, "epochs": [], "tags": {}, "metrics": {}}
+    trained = {**base, "run_id": "t" * 32, "status": "FINISHED"}
+    evals = [
+        {**base, "run_id": f"e{i}" * 16, "status": status, "start_time": when, "tags": {"source_run_id": "t" * 32}}
+        | {"metrics": {"test_top1": top1}}
+        for i, (status, when, top1) in enumerate([("FINISHED", 1, 90.0), ("FINISHED", 3, 91.5), ("FAILED", 5, 1.0)])
+    ]
+    frame = compare.differences([trained], ["x"], [trained, *evals])
+    assert frame.set_index("").loc["test top-1", "x"] == "91.50"
+
+
 def test_records_keep_the_logged_steps(tmp_path: Path) -> None:
     record = records.from_store(
         {

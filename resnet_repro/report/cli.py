@@ -226,7 +226,7 @@ def compare_runs(args: argparse.Namespace, runs: Runs) -> int:
     png = compare.figure(chosen, names, args.keys)
     path = compare.figure_path(Path(args.local_out), chosen)
     print(f"figure: {path} ({len(chosen)} run{'s' if len(chosen) != 1 else ''}: {' '.join(args.keys)})")
-    print(compare.differences(chosen, names).to_markdown(index=False))
+    print(compare.differences(chosen, names, runs.records).to_markdown(index=False))
     outputs.write_if_changed(path, png)
     return 0
 

@@ -110,8 +110,19 @@ def _last(record: Record, key: str) -> Any:
     return values[-1] if values else None
 
 
-def differences(records: Sequence[Record], names: Sequence[str]) -> pd.DataFrame:
-    """One line per config key whose value differs between the runs, then each run's final numbers."""
+def _test_top1(record: Record, everything: Sequence[Record]) -> Any:
+    """A run's test top-1: its own (an evaluation run), else that of the latest evaluation of its checkpoints
+    (`resnet_repro.test` tags those `source_run_id`)."""
+    if record["metrics"].get("test_top1") is not None:
+        return record["metrics"]["test_top1"]
+    evals = [r for r in everything if r["tags"].get("source_run_id") == record["run_id"] and r["status"] == "FINISHED"]
+    latest = max(evals, key=lambda r: r.get("start_time") or 0, default=None)
+    return None if latest is None else latest["metrics"].get("test_top1")
+
+
+def differences(records: Sequence[Record], names: Sequence[str], everything: Sequence[Record] = ()) -> pd.DataFrame:
+    """One line per config key whose value differs between the runs, then each run's final numbers
+    (`everything`: the records to find the runs' evaluations in)."""
     flats = [_flat(r["config"]) for r in records]
     keys = sorted({k for f in flats for k in f})
     lines = [{"": k, **{n: f.get(k, "—") for n, f in zip(names, flats, strict=True)}} for k in keys]
@@ -122,7 +133,7 @@ def differences(records: Sequence[Record], names: Sequence[str]) -> pd.DataFrame
         "last val top-1": lambda r: _fmt(_last(r, "val_top1")),
         "best val top-1": lambda r: _fmt(r["metrics"].get("best_val_top1")),
         "last train loss": lambda r: _fmt(_last(r, "train_loss"), 4),
-        "test top-1": lambda r: _fmt(r["metrics"].get("test_top1")),
+        "test top-1": lambda r: _fmt(_test_top1(r, everything)),
         "run id": lambda r: r["run_id"],
     }
     lines += [{"": what, **{n: get(r) for n, r in zip(names, records, strict=True)}} for what, get in finals.items()]
