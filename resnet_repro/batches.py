@@ -5,8 +5,8 @@ A recipe's `gpus x batch_per_gpu` images make one optimizer step whatever the wo
 `forward_batch` images (more than one pass = gradient accumulation). BatchNorm normalises groups of
 `bn_group` images (default: the recipe's per-GPU batch) inside each pass — what the recipe's GPUs
 did without SyncBN. By default a GPU runs the device batch in one pass (small passes are launch-bound
-there) and a CPU in passes of one BN group (small passes run faster there, in cache: 1.04x the plain
-loop against 0.85x for one pass with BN groups, README Performance): the same computation either way.
+there) and a CPU in passes of one BN group (small passes run faster there, in cache: figures in the
+README's Performance section): the same computation either way.
 Recipes with SyncBN normalise over the whole pass on every process together (CUDA only), so their passes
 are `bn_group` images and there are no groups within a pass.
 """

@@ -51,6 +51,16 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _apply_or_drop(client: Any, entry: Entry, what: str = "") -> None:
+    """Write `entry`; a write the store refuses (not one it cannot take now) is dropped with a warning."""
+    try:
+        retrying(apply, max_wait=WRITE_WAIT_S)(client, entry)
+    except Exception as err:
+        if not refused(err):
+            raise
+        log.warning("the MLflow store refused a %swrite (%s): dropped", what, _first_line(err))
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:200]
@@ -150,12 +160,7 @@ class Outbox:
         try:
             with _bounded():
                 self._send_kept(client)
-                try:
-                    retrying(apply, max_wait=WRITE_WAIT_S)(client, entry)
-                except Exception as err:
-                    if not refused(err):
-                        raise
-                    log.warning("the MLflow store refused a write (%s): dropped", _first_line(err))
+                _apply_or_drop(client, entry)
         except Exception as err:
             self._keep(entry)
             self._went_away(err)
@@ -179,12 +184,7 @@ class Outbox:
         sent = 0
         try:
             for n, entry in _coalesced(self.entries):
-                try:
-                    retrying(apply, max_wait=WRITE_WAIT_S)(client, entry)
-                except Exception as err:
-                    if not refused(err):
-                        raise
-                    log.warning("the MLflow store refused a kept write (%s): dropped", _first_line(err))
+                _apply_or_drop(client, entry, "kept ")
                 sent += n
         finally:
             if sent:
